@@ -1,0 +1,26 @@
+"""hf_spectral: DCT-coefficient ("spectral") layers for Hugging Face models, as a PEFT method.
+
+``import hf_spectral`` registers the method with PEFT; then ``get_peft_model(model, SpectralConfig(...))``,
+``PeftModel.from_pretrained`` and the rest of PEFT's API work as for LoRA.
+"""
+
+from . import bases, dct, layouts
+from ._peft_registry import SPECTRAL_PEFT_TYPE, register
+from .config import SpectralConfig
+from .layer import SpectralLayer, SpectralLinear
+from .model import SpectralModel
+
+register(SpectralConfig, SpectralModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SPECTRAL_PEFT_TYPE",
+    "SpectralConfig",
+    "SpectralLayer",
+    "SpectralLinear",
+    "SpectralModel",
+    "bases",
+    "dct",
+    "layouts",
+]

@@ -1,0 +1,177 @@
+"""SpectralConfig: what can be set for a spectral adapter, and checks that the values make sense."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft_registry import SPECTRAL_PEFT_TYPE
+from .bases import BASES
+from .layouts import LAYOUTS, check_budget
+
+MODES = ("delta", "replace")
+INIT_CHOICES = (True, False, "project", "random")
+
+# Budgets used when neither n_coefficients nor coefficient_fraction is given.
+DEFAULT_DELTA_COEFFICIENTS = 1000
+DEFAULT_REPLACE_FRACTION = 0.5
+
+
+@dataclass
+class SpectralConfig(PeftConfig):
+    """Configuration of a spectral (DCT-coefficient) adapter.
+
+    A targeted layer's weight W (out x in) is written as ``W = C_m^T S C_n`` with C the orthonormal
+    DCT; only K entries of S (the "index set", chosen by ``layout``) are stored and trained.
+
+    Args:
+        mode (`str`): ``"delta"`` (default): ``y = W0 x + scaling * IDCT2(S) x`` with the pretrained W0
+            frozen, for fine-tuning (a peer of LoRA and FourierFT). ``"replace"``: ``y = IDCT2(S) x``, the
+            dense weight is released and the layer lives in coefficient space, for training from scratch or
+            compressing a pretrained model. In replace mode every parameter that is not spectral
+            (embeddings, norms, biases, head) is trained and saved too (see ``train_non_spectral``).
+        n_coefficients (`int`): K per layer. Rule of thumb for delta mode: K = 1000 on a 768 x 768 layer is
+            about LoRA r = 8's quality at 1/12 of its parameters. Give this or ``coefficient_fraction``.
+        coefficient_fraction (`float`): K as a fraction of each layer's m * n, in (0, 1]. Replace mode at 0.5
+            matches dense training in the paper at half the parameters. When neither budget is given,
+            delta mode takes n_coefficients = 1000 and replace mode coefficient_fraction = 0.5.
+        budget_pattern (`dict`): per-module budgets by name pattern, like LoRA's ``rank_pattern``:
+            ``{"c_fc": 4000, r"h\\.0\\..*": 0.25}``; an int is a count, a float a fraction.
+        layout (`str`): which coefficients are kept: ``"random"`` (default, seeded; can represent
+            full-rank updates), ``"lowfreq"`` (top-left block; rank <= block size, fastest forward),
+            ``"triangle"`` (lowest frequencies in zigzag order), ``"energy"`` (largest |DCT| of the existing
+            weight), ``"banded"`` (rings by frequency, half by energy and half at random per ring).
+        basis (`str`): ``"dct"`` (default) or ``"random_orthonormal"`` (a seeded random orthonormal basis:
+            the control of the paper's ablation).
+        scaling (`float`): delta mode's multiplier of the update. Under Adam, scaling and learning rate
+            trade off one for one; with the default 10 the learning rates that suit LoRA (1e-4 to 1e-3)
+            suit spectral deltas too. Ignored in replace mode, where S is the weight itself.
+        seed (`int`): seed of the random layout, the ``banded`` layout's random share and the random
+            basis. The same seed gives the same indices on every machine and library version.
+        banded_rings (`int`), banded_energy_share (`float`): the ``banded`` layout's number of rings and the
+            share of each ring chosen by energy (the rest is random).
+        init_weights (`bool` or `str`): ``True`` (default) starts from what the base model is: in delta mode
+            S = 0 (the identity); in replace mode ``"project"`` if the model was loaded from pretrained
+            weights and ``"random"`` if it was built from a config (a fresh model has no function to
+            preserve, and projecting its random init would shrink it by sqrt(K / mn)). ``False``: small
+            random coefficients (for tests that must see a non-zero update). ``"project"`` (replace mode):
+            keep the DCT of the existing weight on the index set, the best approximation of W with K
+            coefficients. ``"random"`` (replace mode): draw S so that the rebuilt weight has the variance of
+            the existing (freshly initialised) weight.
+        train_non_spectral (`bool`): replace mode only. True (default): every parameter that is not spectral
+            stays trainable and is saved with the adapter, so a model trained from scratch is restored from
+            its adapter alone. False: they are frozen and not saved (compress-then-fine-tune with a frozen
+            body).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, fan_in_fan_out, bias,
+        modules_to_save, trainable_token_indices: as in PEFT's other methods. Without ``target_modules``,
+            delta mode targets LoRA's default modules of known architectures and replace mode all linear
+            layers but the output head.
+        layer_shapes (`dict`): filled in when the adapter is saved: the (out, in) shape of every spectral layer,
+            so that loading into a model whose shapes differ fails before the model is touched.
+    """
+
+    mode: str = field(default="delta", metadata={"help": "'delta' (fine-tuning) or 'replace' (the weight is S)."})
+    n_coefficients: Optional[int] = field(default=None, metadata={"help": "K per layer."})
+    coefficient_fraction: Optional[float] = field(default=None, metadata={"help": "K as a fraction of m * n."})
+    budget_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module budgets by pattern."})
+    layout: str = field(default="random", metadata={"help": f"Index set, one of {LAYOUTS}."})
+    basis: str = field(default="dct", metadata={"help": f"One of {BASES}."})
+    scaling: float = field(default=10.0, metadata={"help": "Delta mode: multiplier of the update."})
+    seed: int = field(default=0, metadata={"help": "Seed of random layouts and bases."})
+    banded_rings: int = field(default=4, metadata={"help": "Rings of the 'banded' layout."})
+    banded_energy_share: float = field(default=0.5, metadata={"help": "Share of each ring chosen by energy."})
+    init_weights: Union[bool, str] = field(default=True, metadata={"help": f"One of {INIT_CHOICES}."})
+    train_non_spectral: bool = field(
+        default=True, metadata={"help": "Replace mode: train and save every non-spectral parameter."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex; 'all-linear' for every linear layer."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave alone."}
+    )
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "True for layers storing (in, out), like Conv1D."})
+    bias: str = field(default="none", metadata={"help": "'none', 'all' or 'spectral_only'."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Other modules to train and save (adapter-scoped copies)."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token ids whose embeddings are trained (as in LoRA)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    layer_shapes: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Filled in on save: (out, in) of every spectral layer."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = SPECTRAL_PEFT_TYPE
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        self.budget_pattern = dict(self.budget_pattern or {})
+        self.layer_shapes = dict(self.layer_shapes or {})
+        self._check_choice("mode", self.mode, MODES)
+        self._check_choice("layout", self.layout, LAYOUTS)
+        self._check_choice("basis", self.basis, BASES)
+        self._check_choice("bias", self.bias, ("none", "all", "spectral_only"))
+        if self.init_weights not in INIT_CHOICES or (
+            isinstance(self.init_weights, str) and self.init_weights not in ("project", "random")
+        ):
+            raise ValueError(f"init_weights={self.init_weights!r} is not one of {INIT_CHOICES}.")
+        if self.mode == "delta" and isinstance(self.init_weights, str):
+            raise ValueError(
+                f"init_weights={self.init_weights!r} is a replace-mode init; delta mode takes True (start as the "
+                "identity) or False (small random coefficients). Use mode='replace' to project or re-draw weights."
+            )
+        # The budget's form is checked now; its range against each layer's m * n when the layer is built.
+        if self.n_coefficients is not None or self.coefficient_fraction is not None:
+            check_budget(self.n_coefficients, self.coefficient_fraction)
+        for pattern, budget in self.budget_pattern.items():
+            where = f" in budget_pattern[{pattern!r}]"
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise ValueError(f"{budget!r}{where} must be an int (a count) or a float (a fraction).")
+            if isinstance(budget, int):
+                check_budget(budget, None, where)
+            else:
+                check_budget(None, budget, where)
+        if not (isinstance(self.scaling, (int, float)) and math.isfinite(self.scaling)):
+            raise ValueError(f"scaling={self.scaling!r} must be a finite number, e.g. 10.0.")
+        if not isinstance(self.banded_rings, int) or self.banded_rings < 1:
+            raise ValueError(f"banded_rings={self.banded_rings!r} must be a positive integer, e.g. 4.")
+        if not 0.0 <= self.banded_energy_share <= 1.0:
+            raise ValueError(f"banded_energy_share={self.banded_energy_share!r} is outside [0, 1], e.g. 0.5.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+    @staticmethod
+    def _check_choice(name: str, value, allowed: tuple) -> None:
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {allowed}.")
+
+    def budget_for(self, module_key: str) -> tuple[Optional[int], Optional[float]]:
+        """(n_coefficients, coefficient_fraction) for a module, after budget_pattern and the defaults."""
+        from peft.utils.other import get_pattern_key
+
+        pattern = get_pattern_key(list(self.budget_pattern), module_key)
+        if pattern in self.budget_pattern:
+            budget = self.budget_pattern[pattern]
+            return (budget, None) if isinstance(budget, int) else (None, float(budget))
+        if self.n_coefficients is not None or self.coefficient_fraction is not None:
+            return self.n_coefficients, self.coefficient_fraction
+        if self.mode == "delta":
+            return DEFAULT_DELTA_COEFFICIENTS, None
+        return None, DEFAULT_REPLACE_FRACTION

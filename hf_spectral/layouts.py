@@ -1,0 +1,197 @@
+"""Index sets: which K of a layer's m x n coefficients are kept ("layouts").
+
+Every function returns a sorted int64 tensor of distinct flat indices ``row * n + col``,
+row = output frequency, col = input frequency. Pure functions of shapes, seeds and (for
+``energy`` and ``banded``) the coefficients of an existing weight.
+
+=========  ==================================================================  ===========
+layout     which coefficients                                                  needs data
+=========  ==================================================================  ===========
+lowfreq    the top-left p x q block, p/q close to m/n and p*q <= K; the        no
+           update has rank <= min(p, q), and the forward can skip building W
+triangle   the K lowest frequencies by i/m + j/n (JPEG's zigzag order)         no
+random     K positions uniformly at random (seeded); can host full rank        no
+energy     the K largest |DCT(W0)| of the existing weight                      yes
+banded     L rings by distance from DC, an equal share of K per ring; within   yes
+           a ring a fraction by energy and the rest at random (sDCTFT)
+=========  ==================================================================  ===========
+
+Sets that need data are saved with the adapter; the others are recomputed from shape and seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import stable_random
+
+LAYOUTS = ("lowfreq", "triangle", "random", "energy", "banded")
+DATA_DEPENDENT_LAYOUTS = ("energy", "banded")
+
+
+def check_budget(n_coefficients: int | None, coefficient_fraction: float | None, where: str = "") -> None:
+    """Raise unless exactly one budget is given and it has a valid form (its range per layer aside)."""
+    if n_coefficients is not None and coefficient_fraction is not None:
+        raise ValueError(
+            f"Give either n_coefficients ({n_coefficients}) or coefficient_fraction ({coefficient_fraction}), "
+            "not both."
+        )
+    if coefficient_fraction is not None:
+        if isinstance(coefficient_fraction, bool) or not 0.0 < coefficient_fraction <= 1.0:
+            raise ValueError(
+                f"coefficient_fraction={coefficient_fraction!r}{where} is outside (0, 1]: "
+                "use e.g. 0.5 to keep half of each layer's coefficients."
+            )
+    elif n_coefficients is None:
+        raise ValueError("A budget is needed: n_coefficients or coefficient_fraction.")
+    elif isinstance(n_coefficients, bool) or not isinstance(n_coefficients, int) or n_coefficients <= 0:
+        raise ValueError(f"n_coefficients={n_coefficients!r}{where} must be a positive integer, e.g. 1000.")
+
+
+def resolve_budget(m: int, n: int, n_coefficients: int | None, coefficient_fraction: float | None, name: str = "") -> int:
+    """K for an m x n layer from either an absolute count or a fraction of m * n."""
+    where = f" for layer {name!r} ({m} x {n})" if name else f" for a {m} x {n} layer"
+    check_budget(n_coefficients, coefficient_fraction, where)
+    if coefficient_fraction is not None:
+        return max(1, round(coefficient_fraction * m * n))
+    if n_coefficients > m * n:
+        raise ValueError(
+            f"n_coefficients={n_coefficients}{where} is more than its {m * n} coefficients (allowed: 1 to "
+            f"{m * n}): lower it, use coefficient_fraction, or give this layer its own budget with budget_pattern."
+        )
+    return n_coefficients
+
+
+def lowfreq_block(m: int, n: int, k: int) -> tuple[int, int]:
+    """The block p x q with p*q <= k, as large as possible, whose aspect ratio is close to m/n."""
+    target = math.sqrt(k * m / n)
+    # the ideal block is target x k/target; if it does not fit, any aspect ratio is allowed
+    forced = target > m or k / target > n
+    candidates = []
+    for p in range(1, min(m, k) + 1):
+        q = min(n, k // p)
+        skew = abs(math.log(p / target))
+        if forced or skew <= math.log(1.5):
+            candidates.append((p * q, skew, p, q))
+    # among blocks within 1% of the largest, the one closest to the layer's aspect ratio
+    largest = max(c[0] for c in candidates)
+    best = min((c for c in candidates if c[0] >= 0.99 * largest), key=lambda c: (c[1], -c[0]))
+    return best[2], best[3]
+
+
+def lowfreq_indices(m: int, n: int, k: int) -> torch.Tensor:
+    p, q = lowfreq_block(m, n, k)
+    rows = torch.arange(p).unsqueeze(1)
+    cols = torch.arange(q).unsqueeze(0)
+    return (rows * n + cols).reshape(-1)
+
+
+def _frequency_grid(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.arange(m, dtype=np.float64)[:, None] / m
+    cols = np.arange(n, dtype=np.float64)[None, :] / n
+    return rows, cols
+
+
+def triangle_indices(m: int, n: int, k: int) -> torch.Tensor:
+    rows, cols = _frequency_grid(m, n)
+    order = np.argsort((rows + cols).reshape(-1), kind="stable")  # ties by row, then column
+    return torch.from_numpy(np.sort(order[:k]).astype(np.int64))
+
+
+def random_indices(m: int, n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(stable_random.choose(seed, m * n, k))
+
+
+def energy_indices(coefficients: torch.Tensor, k: int) -> torch.Tensor:
+    magnitude = coefficients.detach().abs().reshape(-1).float().cpu()
+    return torch.sort(torch.topk(magnitude, k, sorted=False).indices).values.to(torch.int64)
+
+
+def banded_indices(
+    coefficients: torch.Tensor, k: int, seed: int, rings: int = 4, energy_share: float = 0.5
+) -> torch.Tensor:
+    m, n = coefficients.shape
+    rows, cols = _frequency_grid(m, n)
+    radius = np.sqrt(rows**2 + cols**2).reshape(-1) / math.sqrt(2.0)
+    ring_of = np.minimum((radius * rings).astype(np.int64), rings - 1)
+    members = [np.flatnonzero(ring_of == r) for r in range(rings)]
+    # equal share per ring (so low frequencies are denser), spilling what a small ring cannot hold
+    budgets = [0] * rings
+    left = k
+    for r in range(rings):
+        want = -(-left // (rings - r))  # ceil
+        budgets[r] = min(want, len(members[r]))
+        left -= budgets[r]
+    for r in reversed(range(rings)):  # anything still left goes to rings with room, high to low
+        extra = min(left, len(members[r]) - budgets[r])
+        budgets[r] += extra
+        left -= extra
+    magnitude = coefficients.detach().abs().reshape(-1).float().cpu().numpy()
+    chosen = []
+    for r, (ring, budget) in enumerate(zip(members, budgets)):
+        if budget == 0:
+            continue
+        by_energy = round(energy_share * budget)
+        top = ring[np.argsort(-magnitude[ring], kind="stable")[:by_energy]]
+        rest = np.setdiff1d(ring, top, assume_unique=True)
+        picked = rest[stable_random.choose(seed, len(rest), budget - by_energy, stream=r + 1)]
+        chosen.extend([top, picked])
+    return torch.from_numpy(np.sort(np.concatenate(chosen)).astype(np.int64))
+
+
+def select_indices(
+    layout: str,
+    m: int,
+    n: int,
+    k: int,
+    *,
+    seed: int = 0,
+    coefficients: torch.Tensor | None = None,
+    rings: int = 4,
+    energy_share: float = 0.5,
+) -> torch.Tensor:
+    """The index set of ``layout`` for an m x n layer with budget ``k``.
+
+    ``coefficients`` (the DCT of the existing weight) is required by ``energy`` and ``banded``.
+    ``lowfreq`` may return fewer than ``k`` indices (the largest block that fits).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    if not 1 <= k <= m * n:
+        raise ValueError(f"budget k={k} is outside 1..{m * n} for an {m} x {n} layer.")
+    if layout == "lowfreq":
+        return lowfreq_indices(m, n, k)
+    if layout == "triangle":
+        return triangle_indices(m, n, k)
+    if layout == "random":
+        return random_indices(m, n, k, seed)
+    if coefficients is None:
+        raise ValueError(f"layout={layout!r} ranks coefficients of an existing weight, and none was given.")
+    if tuple(coefficients.shape) != (m, n):
+        raise ValueError(f"coefficients of shape {tuple(coefficients.shape)} given for an {m} x {n} layer.")
+    if layout == "energy":
+        return energy_indices(coefficients, k)
+    return banded_indices(coefficients, k, seed, rings=rings, energy_share=energy_share)
+
+
+def validate_indices(indices: torch.Tensor, m: int, n: int, name: str = "") -> None:
+    """Raise if ``indices`` are not distinct flat positions of an m x n matrix."""
+    where = f" of layer {name!r}" if name else ""
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
+        raise ValueError(f"coefficient indices{where} must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}.")
+    if indices.numel() == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= m * n:
+        raise ValueError(
+            f"coefficient indices{where} run from {low} to {high}, outside 0..{m * n - 1} for its {m} x {n} "
+            "weight: the adapter file is corrupt or was made for a different model."
+        )
+    if torch.unique(indices).numel() != indices.numel():
+        raise ValueError(
+            f"coefficient indices{where} contain duplicates ({indices.numel() - torch.unique(indices).numel()} "
+            "repeated): the adapter file is corrupt."
+        )

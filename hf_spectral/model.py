@@ -1,0 +1,218 @@
+"""SpectralModel: the PEFT tuner that swaps targeted layers for spectral layers.
+
+Beyond PEFT's defaults it adds replace mode's rules: a replace-mode adapter owns the model (it
+is the only adapter, it cannot be disabled, unloaded without merging or deleted, because the
+dense weights are gone), and by default every non-spectral parameter trains and is saved with it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from peft.tuners.tuners_utils import (
+    AuxiliaryTrainingWrapper,
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+    _is_key_under_prefixes,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import SpectralConfig
+from .layer import SpectralLayer, SpectralLinear
+from .layouts import validate_indices
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _tuner_layers(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, SpectralLayer):
+            yield name, module
+
+
+def _shape_of(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, SpectralLayer):
+        return module.out_features, module.in_features
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.nf, module.nx
+    return None
+
+
+class SpectralModel(BaseTuner):
+    """Creates spectral (DCT-coefficient) layers in a model; use it through ``peft.get_peft_model``."""
+
+    prefix: str = "spectral_"
+    tuner_layer_cls = SpectralLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # ----------------------------------------------------------------------------------------------
+    # checks before anything is changed
+
+    def _prepare_adapter_config(self, peft_config: SpectralConfig, model_config: dict) -> SpectralConfig:
+        if peft_config.target_modules is None and peft_config.mode == "replace":
+            # the paper's setting: every linear layer of the blocks (PEFT leaves the output head out)
+            peft_config.target_modules = "all-linear"
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def _check_new_adapter_config(self, config: SpectralConfig) -> None:
+        super()._check_new_adapter_config(config)
+        others = {name: c for name, c in self.peft_config.items() if c is not config}
+        if others and (config.mode == "replace" or any(c.mode == "replace" for c in others.values())):
+            raise ValueError(
+                f"A replace-mode spectral adapter must be the only adapter of a model (found {sorted(others)} "
+                "besides the new one): replace mode releases the dense weights the other adapters build on. "
+                "Call merge_and_unload() first to get a dense model, then add adapters to that."
+            )
+
+    def _pre_injection_hook(self, model: nn.Module, config: SpectralConfig, adapter_name: str) -> None:
+        # An adapter saved with its layer shapes is checked against the model before any layer is touched,
+        # so a load into the wrong model fails and leaves the model as it was.
+        mismatched = []
+        modules = dict(model.named_modules())
+        for key, saved in (config.layer_shapes or {}).items():
+            module = modules.get(key)
+            shape = _shape_of(module) if module is not None else None
+            if shape is not None and tuple(shape) != tuple(saved):
+                mismatched.append(f"{key}: adapter {tuple(saved)} vs model {tuple(shape)}")
+        if mismatched:
+            raise ValueError(
+                "This spectral adapter was made for layers of other shapes (out, in); the model was left "
+                "unchanged. Load it into the model it was trained on.\n  " + "\n  ".join(mismatched)
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    # creating layers
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        budget = config.budget_for(current_key)
+        # a model loaded from pretrained weights has a name; a fresh one built from a config does not
+        from_pretrained = bool(getattr(self.model, "name_or_path", ""))
+        if isinstance(target, SpectralLayer):
+            target.update_layer(adapter_name, config, current_key, from_pretrained, budget)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(
+                f"Target module {current_key!r} is a {type(base).__name__}; spectral layers replace torch.nn.Linear "
+                "and transformers' Conv1D. Remove it from target_modules (or add it to exclude_modules)."
+            )
+        if config.fan_in_fan_out != isinstance(base, Conv1D):
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} does not match {current_key!r} ({type(base).__name__}); "
+                f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout."
+            )
+            config.fan_in_fan_out = isinstance(base, Conv1D)
+        new_module = SpectralLinear(target, adapter_name, config, current_key, from_pretrained, budget)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+        if config.mode == "replace":
+            new_module.release_base_weight()
+
+    # ----------------------------------------------------------------------------------------------
+    # what trains and what is saved
+
+    def _replace_config(self) -> SpectralConfig | None:
+        for name in self.active_adapters:
+            config = self.peft_config.get(name)
+            if config is not None and config.mode == "replace":
+                return config
+        return None
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        config = self._replace_config()
+        if config is None or not config.train_non_spectral or config.inference_mode:
+            return
+        # Replace mode trains the whole model: embeddings, norms, biases and head stay trainable.
+        for name, param in _non_spectral_parameters(model):
+            param.requires_grad = True
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Record every spectral layer's shape, so a load into a model of other shapes fails early.
+        config.layer_shapes = {
+            name.removeprefix(PEFT_PREFIX): [layer.out_features, layer.in_features]
+            for name, layer in _tuner_layers(model)
+            if adapter_name in layer.spectral_coefficients
+        }
+        if config.mode == "replace" and config.train_non_spectral:
+            # tied parameters are listed once (named_parameters skips the aliases), so a tied head is saved once
+            for name, _ in _non_spectral_parameters(model):
+                if name in state_dict:
+                    to_return[name] = state_dict[name]
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # Check saved index sets before anything is loaded: a corrupt file must not half-load.
+        layers = {name.removeprefix(PEFT_PREFIX): layer for name, layer in _tuner_layers(model)}
+        for key, value in state_dict.items():
+            if key.endswith(".spectral_indices"):
+                layer_name = key.removesuffix(".spectral_indices").removeprefix(PEFT_PREFIX)
+                layer = layers.get(layer_name)
+                if layer is not None:
+                    validate_indices(value, layer.out_features, layer.in_features, name=layer_name)
+                    expected = layer.spectral_coefficients[adapter_name].numel()
+                    if value.numel() != expected:
+                        raise ValueError(
+                            f"The adapter file holds {value.numel()} indices for layer {layer_name!r}, whose "
+                            f"configuration gives {expected} coefficients: the file and its adapter_config.json "
+                            "do not belong together."
+                        )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    # ----------------------------------------------------------------------------------------------
+    # replace mode has no dense weight to fall back on
+
+    def _replace_adapter_names(self) -> list[str]:
+        return [name for name, config in self.peft_config.items() if config.mode == "replace"]
+
+    def disable_adapter_layers(self) -> None:
+        if self._replace_adapter_names():
+            raise ValueError(
+                f"Cannot disable replace-mode spectral adapter(s) {self._replace_adapter_names()}: the model's dense "
+                "weights were released, so there is no base model to fall back on. Use merge_and_unload() for a "
+                "dense model."
+            )
+        super().disable_adapter_layers()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self._replace_adapter_names():
+            raise ValueError(
+                f"Cannot delete replace-mode spectral adapter {adapter_name!r}: it holds the model's weights. Use "
+                "merge_and_unload() to write them back as dense weights."
+            )
+        super().delete_adapter(adapter_name)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        replace = self._replace_adapter_names()
+        if replace and (not merge or (adapter_names is not None and not set(replace) <= set(adapter_names))):
+            raise ValueError(
+                f"Cannot unload replace-mode spectral adapter(s) {replace} without merging them: they hold the "
+                "model's weights. Use merge_and_unload(), which writes the rebuilt dense weights back."
+            )
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+def _non_spectral_parameters(model: nn.Module):
+    """(name, parameter) of every parameter outside the spectral layers' adapters and PEFT's wrappers."""
+    adapter_prefixes = _get_tuner_state_dict_key_prefixes(model)
+    adapter_names = set(_filter_state_dict_by_key_prefixes(dict(model.named_parameters()), adapter_prefixes))
+    wrapper_names = {n for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}
+    for name, param in model.named_parameters():
+        if name in adapter_names or _is_key_under_prefixes(name, wrapper_names):
+            continue
+        yield name, param
+
