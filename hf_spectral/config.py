@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 
 from ._peft_registry import SPECTRAL_PEFT_TYPE
 from .bases import BASES
-from .layouts import LAYOUTS, check_budget
+from .layouts import LAYOUTS, check_budget, resolve_budget
 
 MODES = ("delta", "replace")
 INIT_CHOICES = (True, False, "project", "random")
@@ -162,16 +162,19 @@ class SpectralConfig(PeftConfig):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {allowed}.")
 
-    def budget_for(self, module_key: str) -> tuple[Optional[int], Optional[float]]:
-        """(n_coefficients, coefficient_fraction) for a module, after budget_pattern and the defaults."""
+    def budget_for(self, module_key: str, m: int, n: int) -> int:
+        """K for an m x n module, after budget_pattern and the defaults."""
         from peft.utils.other import get_pattern_key
 
         pattern = get_pattern_key(list(self.budget_pattern), module_key)
         if pattern in self.budget_pattern:
             budget = self.budget_pattern[pattern]
-            return (budget, None) if isinstance(budget, int) else (None, float(budget))
-        if self.n_coefficients is not None or self.coefficient_fraction is not None:
-            return self.n_coefficients, self.coefficient_fraction
-        if self.mode == "delta":
-            return DEFAULT_DELTA_COEFFICIENTS, None
-        return None, DEFAULT_REPLACE_FRACTION
+            count, fraction = (budget, None) if isinstance(budget, int) else (None, float(budget))
+        elif self.n_coefficients is not None or self.coefficient_fraction is not None:
+            count, fraction = self.n_coefficients, self.coefficient_fraction
+        elif self.mode == "delta":
+            # the default must suit any model, so a layer smaller than it keeps all its coefficients
+            count, fraction = min(DEFAULT_DELTA_COEFFICIENTS, m * n), None
+        else:
+            count, fraction = None, DEFAULT_REPLACE_FRACTION
+        return resolve_budget(m, n, count, fraction, name=module_key)

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .bases import basis_matrix
 from .dct import dct2, idct2_scattered, scatter_coefficients
-from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, resolve_budget, select_indices
+from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices
 
 COMPUTE_PATHS = ("auto", "dense", "factored")
 
@@ -80,11 +80,9 @@ class SpectralLayer(BaseTunerLayer):
             return None
         return transpose(weight, self.fan_in_fan_out)
 
-    def update_layer(
-        self, adapter_name: str, config, module_key: str, from_pretrained: bool, budget: tuple
-    ) -> None:
+    def update_layer(self, adapter_name: str, config, module_key: str, from_pretrained: bool) -> None:
         m, n = self.out_features, self.in_features
-        k = resolve_budget(m, n, *budget, name=module_key)
+        k = config.budget_for(module_key, m, n)
         mode, layout, basis, seed = config.mode, config.layout, config.basis, config.seed
         init = config.init_weights
         if mode == "replace" and init is True:
@@ -224,14 +222,13 @@ class SpectralLinear(nn.Module, SpectralLayer):
         config,
         module_key: str,
         from_pretrained: bool,
-        budget: tuple,
         **kwargs,
     ) -> None:
         super().__init__()
         SpectralLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_key, from_pretrained, budget)
+        self.update_layer(adapter_name, config, module_key, from_pretrained)
 
     # ----------------------------------------------------------------------------------------------
     # merging

@@ -68,14 +68,13 @@ def resolve_budget(m: int, n: int, n_coefficients: int | None, coefficient_fract
 def lowfreq_block(m: int, n: int, k: int) -> tuple[int, int]:
     """The block p x q with p*q <= k, as large as possible, whose aspect ratio is close to m/n."""
     target = math.sqrt(k * m / n)
-    # the ideal block is target x k/target; if it does not fit, any aspect ratio is allowed
-    forced = target > m or k / target > n
     candidates = []
     for p in range(1, min(m, k) + 1):
         q = min(n, k // p)
-        skew = abs(math.log(p / target))
-        if forced or skew <= math.log(1.5):
-            candidates.append((p * q, skew, p, q))
+        candidates.append((p * q, abs(math.log(p / target)), p, q))
+    # stay within a factor 1.5 of the ideal aspect ratio where some block does (thin layers may not)
+    close = [c for c in candidates if c[1] <= math.log(1.5)]
+    candidates = close or candidates
     # among blocks within 1% of the largest, the one closest to the layer's aspect ratio
     largest = max(c[0] for c in candidates)
     best = min((c for c in candidates if c[0] >= 0.99 * largest), key=lambda c: (c[1], -c[0]))

@@ -92,11 +92,10 @@ class SpectralModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        budget = config.budget_for(current_key)
         # a model loaded from pretrained weights has a name; a fresh one built from a config does not
         from_pretrained = bool(getattr(self.model, "name_or_path", ""))
         if isinstance(target, SpectralLayer):
-            target.update_layer(adapter_name, config, current_key, from_pretrained, budget)
+            target.update_layer(adapter_name, config, current_key, from_pretrained)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, (nn.Linear, Conv1D)):
@@ -110,7 +109,7 @@ class SpectralModel(BaseTuner):
                 f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout."
             )
             config.fan_in_fan_out = isinstance(base, Conv1D)
-        new_module = SpectralLinear(target, adapter_name, config, current_key, from_pretrained, budget)
+        new_module = SpectralLinear(target, adapter_name, config, current_key, from_pretrained)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

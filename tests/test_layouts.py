@@ -1,0 +1,130 @@
+"""Index sets: the right size, distinct, in range, and each one picks what it promises."""
+
+import math
+
+import pytest
+import torch
+
+from hf_spectral import dct, layouts
+
+SHAPES = [(1, 1), (1, 9), (7, 1), (7, 13), (32, 32), (96, 32), (29, 31)]
+
+
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_layout_gives_distinct_sorted_in_range_indices(layout, shape):
+    m, n = shape
+    coefficients = torch.randn(m, n)
+    for k in {1, max(1, m * n // 3), m * n}:
+        indices = layouts.select_indices(layout, m, n, k, seed=1, coefficients=coefficients)
+        layouts.validate_indices(indices, m, n)
+        assert indices.dtype == torch.int64
+        assert torch.all(indices[1:] > indices[:-1])
+        if layout == "lowfreq":
+            p, q = layouts.lowfreq_block(m, n, k)
+            assert indices.numel() == p * q <= k
+        else:
+            assert indices.numel() == k
+
+
+@pytest.mark.parametrize("m,n,k", [(128, 128, 8192), (128, 512, 32768), (384, 128, 24576), (768, 3072, 1000)])
+def test_lowfreq_block_follows_the_layer_aspect_ratio(m, n, k):
+    p, q = layouts.lowfreq_block(m, n, k)
+    assert p * q <= k and p * q >= 0.98 * k
+    assert abs(math.log((p / q) / (m / n))) < math.log(1.6)
+
+
+def test_lowfreq_block_of_a_thin_layer_fills_what_fits():
+    assert layouts.lowfreq_block(1, 100, 50) == (1, 50)
+    assert layouts.lowfreq_block(100, 1, 50) == (50, 1)
+    assert layouts.lowfreq_block(7, 13, 91) == (7, 13)
+
+
+def test_triangle_takes_the_lowest_frequencies_first():
+    m, n, k = 20, 10, 37
+    indices = layouts.triangle_indices(m, n, k)
+    rows, cols = indices // n, indices % n
+    kept = (rows / m + cols / n).max()
+    everything = torch.arange(m * n)
+    dropped = everything[~torch.isin(everything, indices)]
+    assert kept <= (dropped // n / m + dropped % n / n).min()
+
+
+def test_energy_keeps_the_largest_coefficients():
+    weight = torch.randn(16, 24)
+    coefficients = dct.dct2(weight)
+    indices = layouts.energy_indices(coefficients, 50)
+    kept = coefficients.reshape(-1)[indices].abs()
+    mask = torch.ones(16 * 24, dtype=torch.bool)
+    mask[indices] = False
+    assert kept.min() >= coefficients.reshape(-1)[mask].abs().max()
+
+
+def test_banded_splits_the_budget_over_rings_with_an_energy_share():
+    m, n, k, rings = 40, 40, 400, 4
+    coefficients = torch.randn(m, n)
+    indices = layouts.banded_indices(coefficients, k, seed=0, rings=rings, energy_share=0.5)
+    assert indices.numel() == k
+    rows, cols = (indices // n).double() / m, (indices % n).double() / n
+    ring = ((rows**2 + cols**2).sqrt() / math.sqrt(2) * rings).long().clamp(max=rings - 1)
+    assert torch.bincount(ring, minlength=rings).tolist() == [100, 100, 100, 100]
+    # all-energy and all-random versions differ; the all-energy one is the top of each ring
+    assert not torch.equal(
+        layouts.banded_indices(coefficients, k, 0, rings, 1.0), layouts.banded_indices(coefficients, k, 0, rings, 0.0)
+    )
+
+
+def test_banded_spills_a_full_ring_budget_to_other_rings():
+    indices = layouts.banded_indices(torch.randn(4, 4), 15, seed=0, rings=4)
+    assert indices.numel() == 15
+
+
+def test_random_layout_depends_on_seed_only():
+    a = layouts.select_indices("random", 30, 40, 100, seed=3)
+    assert torch.equal(a, layouts.select_indices("random", 30, 40, 100, seed=3))
+    assert not torch.equal(a, layouts.select_indices("random", 30, 40, 100, seed=4))
+
+
+def test_data_layouts_need_coefficients():
+    for layout in layouts.DATA_DEPENDENT_LAYOUTS:
+        with pytest.raises(ValueError, match="existing weight"):
+            layouts.select_indices(layout, 4, 4, 3)
+
+
+def test_bad_layout_and_budget_are_errors_that_name_the_value():
+    with pytest.raises(ValueError, match="'zigzag'"):
+        layouts.select_indices("zigzag", 4, 4, 3)
+    with pytest.raises(ValueError, match="k=17 is outside 1..16"):
+        layouts.select_indices("random", 4, 4, 17)
+
+
+@pytest.mark.parametrize(
+    "n_coefficients,fraction,message",
+    [
+        (10, 0.5, "either n_coefficients"),
+        (0, None, "positive integer"),
+        (-3, None, "positive integer"),
+        (2.5, None, "positive integer"),
+        (None, 0.0, r"outside \(0, 1\]"),
+        (None, 1.5, r"outside \(0, 1\]"),
+        (13, None, "more than its 12 coefficients"),
+    ],
+)
+def test_budget_errors(n_coefficients, fraction, message):
+    with pytest.raises(ValueError, match=message):
+        layouts.resolve_budget(3, 4, n_coefficients, fraction, name="h.0.attn")
+
+
+def test_budget_resolution():
+    assert layouts.resolve_budget(3, 4, 12, None) == 12
+    assert layouts.resolve_budget(100, 100, None, 0.5) == 5000
+    assert layouts.resolve_budget(3, 3, None, 0.01) == 1
+
+
+def test_validate_indices_rejects_out_of_range_and_duplicates():
+    with pytest.raises(ValueError, match="outside 0..11"):
+        layouts.validate_indices(torch.tensor([0, 12]), 3, 4, name="fc")
+    with pytest.raises(ValueError, match="duplicates"):
+        layouts.validate_indices(torch.tensor([1, 1, 2]), 3, 4, name="fc")
+    with pytest.raises(ValueError, match="1-D integer"):
+        layouts.validate_indices(torch.tensor([1.0]), 3, 4)

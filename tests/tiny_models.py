@@ -1,0 +1,89 @@
+"""Tiny models built from configs (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import hf_spectral  # noqa: F401  (registers the method)
+
+VOCAB = 64
+
+
+class MLP(nn.Module):
+    """The plain-torch model of PEFT's own tests: no config, no known architecture."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(12, 20)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 16)
+        self.lin2 = nn.Linear(16, 2, bias=False)
+
+    def forward(self, x, labels=None):
+        logits = self.lin2(self.relu(self.lin1(self.relu(self.lin0(x)))))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return {"logits": logits, "loss": loss}
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+# name -> (factory, delta-mode target modules, extra config fields)
+MODELS = {
+    "mlp": (make_mlp, ["lin0", "lin1"], {}),
+    "gpt2": (make_gpt2, ["c_attn", "c_proj", "c_fc"], {}),
+    "llama": (make_llama, ["q_proj", "v_proj", "down_proj"], {}),
+    "bert": (make_bert, ["query", "value", "dense"], {"modules_to_save": ["classifier"]}),
+}
+
+
+def example_inputs(name: str, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    if name == "mlp":
+        return {"x": torch.randn(5, 12, generator=generator)}
+    ids = torch.randint(1, VOCAB, (2, 9), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits_of(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out["logits"] if isinstance(out, dict) else out.logits
