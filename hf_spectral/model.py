@@ -113,8 +113,19 @@ class SpectralModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-        if config.mode == "replace":
-            new_module.release_base_weight()
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        # All or nothing: if any layer fails (a budget too large, an unsupported module), the layers already
+        # made are taken out again, and replace mode releases dense weights only once every layer is built.
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except Exception:
+            _remove_adapter_layers(model, adapter_name)
+            raise
+        if self.peft_config[adapter_name].mode == "replace":
+            for _, layer in _tuner_layers(model):
+                if adapter_name in layer.spectral_settings and layer.get_base_layer().weight is not None:
+                    layer.release_base_weight()
 
     # ----------------------------------------------------------------------------------------------
     # what trains and what is saved
@@ -159,7 +170,9 @@ class SpectralModel(BaseTuner):
             if key.endswith(".spectral_indices"):
                 layer_name = key.removesuffix(".spectral_indices").removeprefix(PEFT_PREFIX)
                 layer = layers.get(layer_name)
-                if layer is not None:
+                if layer is None:
+                    continue
+                try:
                     validate_indices(value, layer.out_features, layer.in_features, name=layer_name)
                     expected = layer.spectral_coefficients[adapter_name].numel()
                     if value.numel() != expected:
@@ -168,6 +181,11 @@ class SpectralModel(BaseTuner):
                             f"configuration gives {expected} coefficients: the file and its adapter_config.json "
                             "do not belong together."
                         )
+                except ValueError:
+                    # a delta-mode load leaves the model as it was; replace mode already released its weights
+                    if config.mode == "delta":
+                        _remove_adapter_layers(model, adapter_name)
+                    raise
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     # ----------------------------------------------------------------------------------------------
@@ -203,6 +221,18 @@ class SpectralModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+
+def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
+    """Take an adapter out again: layers that hold only it go back to their base layers."""
+    for name, layer in list(_tuner_layers(model)):
+        if adapter_name not in layer.spectral_settings:
+            continue
+        if set(layer.spectral_settings) == {adapter_name}:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer.get_base_layer())
+        else:
+            layer.delete_adapter(adapter_name)
 
 
 def _non_spectral_parameters(model: nn.Module):
