@@ -181,7 +181,7 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
 
     from .bases import basis_matrix
     from .dct import idct2_scattered, scatter_coefficients
-    from .layouts import resolve_budget, select_indices
+    from .layouts import select_indices
 
     config = _spectral_config(summary)
     wanted = None if names is None else set(names)
@@ -200,7 +200,7 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
             if layer.has_saved_indices:
                 indices = handle.get_tensor(key + INDICES_SUFFIX).to(torch.int64)
             else:
-                k = resolve_budget(m, n, *config.budget_for(layer.name), name=layer.name)
+                k = config.budget_for(layer.name, m, n)
                 indices = select_indices(config.layout, m, n, k, seed=config.seed)
             if indices.numel() != values.numel():
                 raise AdapterFileError(

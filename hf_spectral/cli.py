@@ -92,16 +92,23 @@ def _progress(iterable=None, **kwargs):
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
-def _quiet_libraries() -> None:
+@contextlib.contextmanager
+def _quiet_libraries():
     """transformers' and PEFT's advisory warnings would bury the report; errors still surface."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    verbosity = hf_logging.get_verbosity()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
 
 def _load_model(name: str, revision: Optional[str], dtype: str):
@@ -111,8 +118,8 @@ def _load_model(name: str, revision: Optional[str], dtype: str):
 
     try:
         config = AutoConfig.from_pretrained(name, revision=revision)
-    except OSError as error:
-        raise CLIError(f"cannot load a model from {name!r}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:  # no such folder or repo, no config.json, an unknown model type
+        raise CLIError(f"cannot load a model from {name!r}: {str(error).strip().splitlines()[0]}") from None
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype)
@@ -233,7 +240,6 @@ def _each_new_layer(callback):
 def cmd_compress(args) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"--out {args.out!r} exists and is not empty; pick a new folder or add --overwrite.")
-    _quiet_libraries()
     import torch
     from peft import get_peft_model
 
@@ -282,9 +288,7 @@ def cmd_compress(args) -> int:
         for r in records
     ]
     print(_table(rows, ["layer", "shape (out x in)", "K", "rel. error ||W - W_K|| / ||W||"]))
-    total_error = math.sqrt(
-        sum((r["relative_error"] ** 2) * 1.0 for r in records) / max(len(records), 1)
-    )
+    total_error = math.sqrt(sum(r["relative_error"] ** 2 for r in records) / max(len(records), 1))
     print()
     print(f"compressed layers: {len(records)} (layout {args.layout}, basis {args.basis}, fraction {args.fraction})")
     print(f"mean relative error (root mean square over layers): {total_error:.4f}")
@@ -337,17 +341,18 @@ def _is_adapter(name: str, revision: Optional[str]) -> bool:
 
 
 def _model_matrices(args):
-    """(name, out x in weight) of every linear layer of a pretrained model, head excluded."""
+    """[(name, out x in weight)] of every linear layer of a pretrained model, head excluded."""
     from peft.utils.other import transpose
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     model = _load_model(args.source, args.revision, "float32")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in model.named_modules():
-        if module is head or not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        yield name, transpose(module.weight, isinstance(module, Conv1D)).detach()
+    return [
+        (name, transpose(module.weight, isinstance(module, Conv1D)).detach())
+        for name, module in model.named_modules()
+        if module is not head and isinstance(module, (nn.Linear, Conv1D))
+    ]
 
 
 def _analyse(matrix, bins: int) -> dict:
@@ -384,41 +389,51 @@ def _plot(results: list[tuple[str, dict]], title: str, out: str, max_panels: int
     import numpy as np
 
     if len(results) > max_panels:  # evenly spaced layers, first and last included
-        picks = sorted({round(i * (len(results) - 1) / (max_panels - 1)) for i in range(max_panels)})
+        picks = sorted({round(i * (len(results) - 1) / max(max_panels - 1, 1)) for i in range(max_panels)})
     else:
         picks = list(range(len(results)))
     cols = min(4, len(picks))
     rows = math.ceil(len(picks) / cols) + 1
-    fig = plt.figure(figsize=(3.4 * cols, 3.0 * rows), constrained_layout=True)
-    grid = fig.add_gridspec(rows, cols)
-    for slot, index in enumerate(picks):
+    height = 2.6 * rows + 1.6
+    fig = plt.figure(figsize=(3.2 * cols + 1.0, height))
+    grid = fig.add_gridspec(
+        rows, cols + 1, width_ratios=[1] * cols + [0.06], height_ratios=[1] * (rows - 1) + [1.2],
+        left=0.08, right=0.94, top=1 - 1.05 / height, bottom=1.3 / height, hspace=0.75, wspace=0.35,
+    )
+    # each layer's energy as a share of its total, on one colour scale spanning five decades
+    shares = [results[i][1]["heatmap"].double().numpy() for i in picks]
+    shares = [h / h.sum() if h.sum() > 0 else h for h in shares]
+    top = max(float(h.max()) for h in shares) or 1.0
+    vmin, vmax = np.log10(top) - 5, np.log10(top)
+    image = None
+    for slot, (index, share) in enumerate(zip(picks, shares, strict=True)):
         name, result = results[index]
         ax = fig.add_subplot(grid[slot // cols, slot % cols])
-        heat = result["heatmap"].numpy()
-        positive = heat[heat > 0]
-        floor = positive.min() if positive.size else 1e-30
-        image = ax.imshow(np.log10(np.maximum(heat, floor)), cmap="magma", aspect="auto", interpolation="nearest")
         m, n = result["shape"]
+        image = ax.imshow(np.log10(np.maximum(share, 10**vmin)), cmap="magma", vmin=vmin, vmax=vmax, aspect="auto",
+                          interpolation="nearest", extent=(0, n, m, 0))  # axes in frequency index, whatever the pooling
         ax.set_title(f"{name}\n{m}x{n}, stable rank {result['stable_rank']:.1f}", fontsize=7)
-        ax.set_xlabel("input frequency", fontsize=7)
-        ax.set_ylabel("output frequency", fontsize=7)
+        ax.set_xlabel("input frequency", fontsize=7, labelpad=1)
+        ax.set_ylabel("output frequency", fontsize=7, labelpad=1)
         ax.tick_params(labelsize=6)
-        fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=6)
-    ax = fig.add_subplot(grid[rows - 1, :])
-    ranks = [r["stable_rank"] for _, r in results]
-    ax.bar(range(len(results)), ranks, color="tab:blue")
-    ax.set_ylabel("stable rank ||W||_F^2 / ||W||_2^2", fontsize=8)
-    ax.set_xlabel("layer (in model order)", fontsize=8)
-    ax.set_xticks(range(len(results)))
-    ax.set_xticklabels([name for name, _ in results], rotation=90, fontsize=5)
-    fig.suptitle(f"{title}: log10 DCT energy per layer (pooled), and stable ranks", fontsize=10)
+    bar = fig.colorbar(image, cax=fig.add_subplot(grid[: rows - 1, cols]))
+    bar.set_label("log10 share of the layer's energy per bin", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    ax = fig.add_subplot(grid[rows - 1, :cols])
+    ax.bar(range(len(results)), [r["stable_rank"] for _, r in results], color="tab:blue")
+    ax.set_ylabel("stable rank", fontsize=8)
+    ax.set_title("stable rank ||W||_F^2 / ||W||_2^2 of every layer, in model order", fontsize=8)
+    if len(results) <= 64:
+        ax.set_xticks(range(len(results)))
+        ax.set_xticklabels([name for name, _ in results], rotation=90, fontsize=5)
+    ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}\nwhere each layer's energy sits in the 2-D DCT domain (pooled), and stable ranks", fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
 def cmd_spectrum(args) -> int:
-    _quiet_libraries()
     if args.layers is not None:
         pattern = re.compile(args.layers)
     if _is_adapter(args.source, args.revision):
@@ -431,8 +446,8 @@ def cmd_spectrum(args) -> int:
         source = ((layer.name, matrix) for layer, matrix in layer_matrices(summary))
     else:
         title = f"{args.source} (dense weights)"
-        count = None
         source = _model_matrices(args)
+        count = len(source)
 
     results = []
     for name, matrix in _progress(source, total=count, desc="analysing layers", unit="layer"):
@@ -541,7 +556,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exit_:  # argparse has printed the usage and the error
         return int(exit_.code or 0)
     try:
-        return int(args.func(args) or 0)
+        with _quiet_libraries():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("hf-spectral: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,234 @@
+"""The hf-spectral command line: inspect, compress and spectrum on tiny models, and its errors.
+
+The commands run in-process through ``hf_spectral.cli.main`` (each subprocess would pay ~10 s of
+imports); one test runs the installed console script to check the entry point and that a bad
+argument gives a message and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+from ecosystem_utils import bin_of, subprocess_env, tiny_gpt2, token_rows
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from hf_spectral import SpectralConfig, SpectralLayer
+from hf_spectral.adapter_files import layer_matrices, read_adapter
+from hf_spectral.cli import main
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    tiny_gpt2(seed=0).save_pretrained(folder)
+    return str(folder)
+
+
+def _adapter(base_dir, folder, **kwargs):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), SpectralConfig(**kwargs))
+    model.save_pretrained(folder)
+    return model
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _dense_weights(base_dir) -> dict[str, np.ndarray]:
+    from transformers.pytorch_utils import Conv1D
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    return {
+        name: (m.weight.T if isinstance(m, Conv1D) else m.weight).detach().double().numpy()
+        for name, m in model.named_modules()
+        if isinstance(m, Conv1D)
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect
+
+
+def test_inspect_reports_mode_layout_k_shapes_counts_and_size(base_dir, tmp_path, capsys):
+    folder = tmp_path / "delta"
+    _adapter(base_dir, folder, target_modules=["c_attn", "c_fc"], n_coefficients=40, layout="energy",
+             init_weights=False)
+    code, out, _ = _run(capsys, "inspect", folder, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["mode"] == "delta" and report["layout"] == "energy" and report["base_model"] == base_dir
+    shapes = {layer["name"]: (layer["shape"], layer["n_coefficients"], layer["indices"]) for layer in report["layers"]}
+    assert shapes == {
+        f"transformer.h.{i}.{name}": (shape, 40, "saved")
+        for i in range(2)
+        for name, shape in (("attn.c_attn", [96, 32]), ("mlp.c_fc", [128, 32]))
+    }
+    assert report["spectral_parameters"] == 160 and report["other_parameters"] == 0
+    assert report["size_on_disk"] == sum(os.path.getsize(folder / f) for f in os.listdir(folder))
+
+    code, out, _ = _run(capsys, "inspect", folder)
+    assert code == 0
+    assert "mode: delta   layout: energy" in out and "transformer.h.1.mlp.c_fc     128 x 32          40" in out
+
+
+def test_inspect_counts_the_other_parameters_of_a_replace_adapter(base_dir, tmp_path, capsys):
+    folder = tmp_path / "replace"
+    model = _adapter(base_dir, folder, mode="replace", coefficient_fraction=0.5, layout="lowfreq")
+    code, out, _ = _run(capsys, "inspect", folder, "--json")
+    report = json.loads(out)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    coefficients = sum(p.numel() for n, p in model.named_parameters() if "spectral_coefficients" in n)
+    assert code == 0 and report["mode"] == "replace"
+    assert report["spectral_parameters"] == coefficients
+    assert report["total_parameters"] == trainable  # the adapter holds everything that trains
+
+
+# ------------------------------------------------------------------------------------------------
+# compress
+
+
+def test_compress_keeps_the_largest_coefficients_and_reports_true_errors(base_dir, tmp_path, capsys):
+    out_dir = tmp_path / "compressed"
+    code, out, _ = _run(capsys, "compress", base_dir, "--fraction", "0.25", "--out", out_dir)
+    assert code == 0
+    report = json.loads((out_dir / "compression.json").read_text())
+    dense = _dense_weights(base_dir)
+    assert {r["name"] for r in report["layers"]} == set(dense)
+    for record in report["layers"]:
+        # independent reference: scipy's DCT, keep the K largest magnitudes, measure what is lost
+        w = dense[record["name"]]
+        s = scipy.fft.dctn(w, norm="ortho").ravel()
+        k = round(0.25 * w.size)
+        dropped = np.sort(np.abs(s))[: w.size - k]
+        assert record["n_coefficients"] == k
+        assert record["relative_error"] == pytest.approx(np.linalg.norm(dropped) / np.linalg.norm(s), rel=1e-4)
+        assert f"{record['relative_error']:.4f}" in out
+    base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base_dir).parameters())
+    saved = sum(w.size for w in dense.values()) - sum(r["n_coefficients"] for r in report["layers"])
+    assert report["parameters_before"] == base_params and report["parameters_after"] == base_params - saved
+    assert f"whole model:  {base_params:,} -> {base_params - saved:,} parameters" in out
+    assert "import hf_spectral" in (out_dir / "README.md").read_text()
+
+
+def test_compress_at_fraction_one_is_lossless_and_the_output_loads(base_dir, tmp_path, capsys):
+    out_dir = tmp_path / "full"
+    code, _, _ = _run(capsys, "compress", base_dir, "--fraction", "1", "--layout", "lowfreq", "--out", out_dir)
+    assert code == 0
+    report = json.loads((out_dir / "compression.json").read_text())
+    assert max(r["relative_error"] for r in report["layers"]) < 1e-6
+    inputs = token_rows(2, seed=5)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=inputs).logits, base(input_ids=inputs).logits,
+                                   atol=1e-4, rtol=1e-4)
+    assert all(m.get_base_layer().weight is None for m in loaded.modules() if isinstance(m, SpectralLayer))
+
+
+# ------------------------------------------------------------------------------------------------
+# spectrum
+
+
+def test_spectrum_of_a_model_writes_a_figure_and_its_stable_ranks(base_dir, tmp_path, capsys):
+    png, numbers = tmp_path / "spectrum.png", tmp_path / "spectrum.json"
+    code, out, _ = _run(capsys, "spectrum", base_dir, "--out", png, "--json", numbers, "--bins", "8",
+                        "--max-panels", "2")
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = {layer["name"]: layer for layer in json.loads(numbers.read_text())["layers"]}
+    dense = _dense_weights(base_dir)
+    assert set(data) == set(dense)  # every linear layer, not the tied head
+    for name, w in dense.items():
+        singular = np.linalg.svd(w, compute_uv=False)
+        assert data[name]["stable_rank"] == pytest.approx((singular**2).sum() / singular[0] ** 2, rel=1e-6)
+        s = scipy.fft.dctn(w, norm="ortho")
+        low = (s[: (w.shape[0] + 1) // 2, : (w.shape[1] + 1) // 2] ** 2).sum() / (s**2).sum()
+        assert data[name]["energy_share_low_quarter"] == pytest.approx(low, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mode,layout,basis",
+    [("delta", "random", "dct"), ("delta", "banded", "dct"), ("delta", "triangle", "random_orthonormal"),
+     ("replace", "lowfreq", "dct"), ("replace", "energy", "random_orthonormal")],
+)
+def test_adapter_matrices_from_files_match_the_loaded_layers(base_dir, tmp_path, capsys, mode, layout, basis):
+    budget = {"n_coefficients": 60} if mode == "delta" else {"coefficient_fraction": 0.3}
+    kwargs = dict(mode=mode, layout=layout, basis=basis, init_weights=False if mode == "delta" else True,
+                  seed=3, **budget)
+    if mode == "delta":
+        kwargs["target_modules"] = ["c_attn", "c_proj"]
+    _adapter(base_dir, tmp_path / "a", **kwargs)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "a")
+    layers = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules() if isinstance(m, SpectralLayer)}
+    rebuilt = {record.name: matrix for record, matrix in layer_matrices(read_adapter(str(tmp_path / "a")))}
+    assert set(rebuilt) == set(layers)
+    for name, matrix in rebuilt.items():
+        layer = layers[name]
+        scale = layer.spectral_settings["default"].scaling if mode == "delta" else 1.0
+        expected = layer.rebuild("default").double() * scale
+        torch.testing.assert_close(matrix, expected, atol=1e-6, rtol=1e-5)
+    if layout == "lowfreq":  # the command on an adapter folder (its matrices are the ones checked above)
+        code, out, _ = _run(capsys, "spectrum", tmp_path / "a", "--out", tmp_path / "a.png", "--max-panels", "1")
+        assert code == 0 and (tmp_path / "a.png").exists() and "transformer.h.1.mlp.c_proj" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# errors: a message and a non-zero exit, never a traceback
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    (folder / "empty").mkdir()
+    get_peft_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], r=2)).save_pretrained(folder / "lora")
+    shutil.copytree(folder / "lora", folder / "pickled")  # a "spectral" adapter whose weights are a pickle
+    (folder / "pickled" / "adapter_config.json").write_text(json.dumps({"peft_type": "SPECTRAL"}))
+    os.replace(folder / "pickled" / "adapter_model.safetensors", folder / "pickled" / "adapter_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv,code,message",
+    [
+        ([], 2, "required: COMMAND"),
+        (["shrink", "x"], 2, "invalid choice: 'shrink'"),
+        (["compress", "{base}", "--fraction", "0", "--out", "{tmp}/o"], 2, "outside (0, 1]"),
+        (["compress", "{base}", "--fraction", "half", "--out", "{tmp}/o"], 2, "is not a number"),
+        (["compress", "{base}", "--fraction", "0.5"], 2, "the following arguments are required: --out"),
+        (["compress", "{base}", "--fraction", "0.5", "--layout", "zigzag", "--out", "{tmp}/o"], 2, "invalid choice"),
+        (["compress", "{tmp}/empty", "--fraction", "0.5", "--out", "{tmp}/o"], 1, "cannot load a model"),
+        (["compress", "{base}", "--fraction", "0.5", "--out", "{base}"], 1, "exists and is not empty"),
+        (["compress", "{base}", "--fraction", "0.5", "--target-modules", "nope", "--out", "{tmp}/o"], 1, "nope"),
+        (["inspect", "{tmp}/empty"], 1, "has no adapter_config.json"),
+        (["inspect", "{tmp}/lora"], 1, "not a spectral one"),
+        (["inspect", "{tmp}/pickled"], 1, "pickle"),
+        (["inspect", "{tmp}/not a repo!"], 1, "neither a local folder nor a valid Hub repo id"),
+        (["spectrum", "{base}", "--out", "{tmp}/s.txt"], 2, "must end in one of"),
+        (["spectrum", "{base}", "--out", "{tmp}/s.png", "--layers", "("], 2, "not a valid regular expression"),
+        (["spectrum", "{base}", "--out", "{tmp}/s.png", "--layers", "nothing-matches"], 1, "no linear layers matched"),
+    ],
+)
+def test_bad_arguments_get_a_message_and_a_nonzero_exit(base_dir, bad_inputs, capsys, argv, code, message):
+    argv = [a.format(base=base_dir, tmp=bad_inputs) for a in argv]
+    got, out, err = _run(capsys, *argv)
+    assert got == code, (out, err)
+    assert message in err and "Traceback" not in err + out
+
+
+def test_the_console_script_exits_2_with_a_message(tmp_path):
+    script = bin_of("hf-spectral")
+    command = [script] if os.path.isabs(script) else [sys.executable, "-m", "hf_spectral.cli"]
+    result = subprocess.run(command + ["compress", "m", "--fraction", "1.5", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert result.returncode == 2
+    assert "--fraction: 1.5 is outside (0, 1]" in result.stderr and "Traceback" not in result.stderr
