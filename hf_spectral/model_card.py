@@ -138,8 +138,9 @@ def render_model_card(
         "",
         "## How to load it",
         "",
-        "`import hf_spectral` first: it registers the `spectral` method with PEFT, which has no plugin discovery. "
-        "Without it PEFT fails with `KeyError: 'SPECTRAL'`.",
+        "`pip install hf-spectral`, then `import hf_spectral` first: it registers the `spectral` method with PEFT, "
+        "which has no plugin discovery (an installed hf-spectral also registers itself when PEFT is imported, "
+        "but the explicit import works everywhere). Without it PEFT fails with `KeyError: 'SPECTRAL'`.",
         "",
         "```python",
         "import hf_spectral  # registers the spectral PEFT method",
@@ -154,8 +155,7 @@ def render_model_card(
     lines += [
         "```",
         "",
-        "`pip install hf-spectral` brings a command line: `hf-spectral inspect "
-        f"{where}` lists every layer's K and shape.",
+        f"The package's command line lists every layer's K and shape: `hf-spectral inspect {where}`.",
         "",
         "## Layers",
         "",

@@ -1,0 +1,75 @@
+"""Accelerate with two processes (DDP over gloo on the CPU) trains a spectral model like one process.
+
+Runs tests/ddp_train.py, a plain Accelerate loop, unchanged under
+``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`` and as a single process
+with the same global batch, side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from ecosystem_utils import TESTS_DIR, bin_of, subprocess_env
+from safetensors.torch import load_file
+
+SCRIPT = str(TESTS_DIR / "ddp_train.py")
+# SGD, not Adam, for the comparison: Adam divides by sqrt(v), so a near-zero gradient entry whose sign
+# differs in the last bit between an all-reduce and a one-process sum becomes a full lr-sized step, and
+# the parameters would only agree to ~lr. With SGD they agree to float rounding.
+TRAIN_ARGS = ["--optimizer", "sgd", "--lr", "0.5", "--steps", "4", "--global-batch", "8"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    launch = [bin_of("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              SCRIPT, "--out", str(out / "two"), *TRAIN_ARGS]
+    single = [sys.executable, SCRIPT, "--out", str(out / "one"), *TRAIN_ARGS]
+    # side by side: the launcher's two workers and the single process share the machine's cores
+    jobs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=subprocess_env(ACCELERATE_USE_CPU="1")) for cmd in (launch, single)]
+    for cmd, job in zip((launch, single), jobs, strict=True):
+        output, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, f"{' '.join(cmd)} exited {job.returncode}:\n{output[-6000:]}"
+    return out
+
+
+def _losses(folder):
+    return json.loads((folder / "losses.json").read_text())
+
+
+def test_two_processes_really_ran_distributed(runs):
+    two, one = _losses(runs / "two"), _losses(runs / "one")
+    assert two["processes"] == 2 and two["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert one["processes"] == 1
+
+
+def test_both_ranks_hold_the_same_coefficients(runs):
+    rank0, rank1 = load_file(runs / "two" / "rank0.safetensors"), load_file(runs / "two" / "rank1.safetensors")
+    assert any("spectral_coefficients" in name for name in rank0)
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_loss_and_parameters_match_one_process_with_the_same_global_batch(runs):
+    two, one = _losses(runs / "two")["losses"], _losses(runs / "one")["losses"]
+    assert len(two) == len(one) == 4 and two[-1] < two[0]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-6)
+    distributed, single = load_file(runs / "two" / "rank0.safetensors"), load_file(runs / "one" / "rank0.safetensors")
+    for name in single:
+        torch.testing.assert_close(distributed[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_saved_adapter_holds_the_trained_coefficients(runs):
+    saved = load_file(runs / "two" / "adapter" / "adapter_model.safetensors")
+    trained = load_file(runs / "two" / "rank0.safetensors")
+    coefficients = {k: v for k, v in trained.items() if k.endswith("spectral_coefficients.default")}
+    assert coefficients
+    for name, value in coefficients.items():
+        assert torch.equal(saved[name.removesuffix(".default")], value)
