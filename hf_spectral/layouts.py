@@ -130,7 +130,7 @@ def banded_indices(
         left -= extra
     magnitude = coefficients.detach().abs().reshape(-1).float().cpu().numpy()
     chosen = []
-    for r, (ring, budget) in enumerate(zip(members, budgets)):
+    for r, (ring, budget) in enumerate(zip(members, budgets, strict=True)):
         if budget == 0:
             continue
         by_energy = round(energy_share * budget)

@@ -106,7 +106,8 @@ class SpectralModel(BaseTuner):
         if config.fan_in_fan_out != isinstance(base, Conv1D):
             warnings.warn(
                 f"fan_in_fan_out={config.fan_in_fan_out} does not match {current_key!r} ({type(base).__name__}); "
-                f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout."
+                f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout.",
+                stacklevel=2,
             )
             config.fan_in_fan_out = isinstance(base, Conv1D)
         new_module = SpectralLinear(target, adapter_name, config, current_key, from_pretrained)
@@ -143,7 +144,7 @@ class SpectralModel(BaseTuner):
         if config is None or not config.train_non_spectral or config.inference_mode:
             return
         # Replace mode trains the whole model: embeddings, norms, biases and head stay trainable.
-        for name, param in _non_spectral_parameters(model):
+        for _, param in _non_spectral_parameters(model):
             param.requires_grad = True
 
     @classmethod

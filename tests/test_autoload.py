@@ -6,7 +6,6 @@ import sys
 import sysconfig
 from pathlib import Path
 
-
 LOAD = """
 import sys
 from peft import PeftModel

@@ -5,11 +5,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import example_inputs, logits_of, make_gpt2, make_mlp
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_spectral import SpectralConfig, SpectralLayer
-
-from tiny_models import example_inputs, logits_of, make_gpt2, make_mlp
 
 
 @pytest.mark.parametrize(

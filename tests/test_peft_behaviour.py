@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
+from tiny_models import MODELS, example_inputs, logits_of
 
 from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.layouts import LAYOUTS
-
-from tiny_models import MODELS, example_inputs, logits_of
 
 CASES = [(name, mode, layout) for name in MODELS for mode in ("delta", "replace") for layout in LAYOUTS]
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import example_inputs, logits_of, make_llama
 
 from hf_spectral import SpectralConfig, SpectralLayer
-
-from tiny_models import example_inputs, logits_of, make_llama
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -27,7 +26,8 @@ def test_half_precision_models_agree_with_fp32(dtype, mode, layout):
     torch.testing.assert_close(out.float(), logits_of(reference, inputs), atol=0.05, rtol=0.05)
     half.train()
     half(**inputs, labels=inputs["input_ids"]).loss.backward()
-    assert all(l.spectral_coefficients["default"].grad is not None for l in half.modules() if isinstance(l, SpectralLayer))
+    layers = [m for m in half.modules() if isinstance(m, SpectralLayer)]
+    assert all(layer.spectral_coefficients["default"].grad is not None for layer in layers)
 
 
 def test_bf16_autocast_on_cpu_trains():

@@ -6,10 +6,9 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
+from tiny_models import example_inputs, logits_of, make_gpt2, make_llama
 
 from hf_spectral import SpectralConfig, SpectralLayer, dct
-
-from tiny_models import example_inputs, logits_of, make_gpt2, make_llama
 
 
 def replace_model(factory=make_gpt2, **kwargs):
