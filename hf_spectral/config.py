@@ -54,9 +54,10 @@ class SpectralConfig(PeftConfig):
         banded_rings (`int`), banded_energy_share (`float`): the ``banded`` layout's number of rings and the
             share of each ring chosen by energy (the rest is random).
         init_weights (`bool` or `str`): ``True`` (default) starts from what the base model is: in delta mode
-            S = 0 (the identity); in replace mode ``"project"`` if the model was loaded from pretrained
-            weights and ``"random"`` if it was built from a config (a fresh model has no function to
-            preserve, and projecting its random init would shrink it by sqrt(K / mn)). ``False``: small
+            S = 0 (the identity); in replace mode ``"project"`` for a weight that transformers loaded from a
+            checkpoint (``from_pretrained``) and ``"random"`` for one built by ``from_config`` or plain torch
+            (a fresh model has no function to preserve, and projecting its random init would shrink it by
+            sqrt(K / mn)). ``False``: small
             random coefficients (for tests that must see a non-zero update). ``"project"`` (replace mode):
             keep the DCT of the existing weight on the index set, the best approximation of W with K
             coefficients. ``"random"`` (replace mode): draw S so that the rebuilt weight has the variance of

@@ -92,12 +92,12 @@ class SpectralModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        # a model loaded from pretrained weights has a name; a fresh one built from a config does not
-        from_pretrained = bool(getattr(self.model, "name_or_path", ""))
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        # transformers tags every parameter it loads from a checkpoint; weights built by from_config are untagged
+        from_pretrained = bool(getattr(base.weight, "_is_hf_initialized", False))
         if isinstance(target, SpectralLayer):
             target.update_layer(adapter_name, config, current_key, from_pretrained)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(
                 f"Target module {current_key!r} is a {type(base).__name__}; spectral layers replace torch.nn.Linear "

@@ -90,6 +90,22 @@ def test_project_init_keeps_the_best_approximation_of_a_pretrained_weight(tmp_pa
     torch.testing.assert_close((layer.rebuild("default") - original).norm(), dropped.norm(), atol=1e-4, rtol=1e-4)
 
 
+def test_default_init_tells_loaded_weights_from_fresh_ones(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    make_llama().save_pretrained(tmp_path)
+    config = SpectralConfig(mode="replace", coefficient_fraction=0.3, layout="random", target_modules=["up_proj"])
+    # a fresh model built from a config that came from disk still has name_or_path set: it must not project
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    assert fresh.name_or_path
+    weight = fresh.model.layers[0].mlp.up_proj.weight.detach().clone()
+    layer = get_peft_model(fresh, config).base_model.model.model.layers[0].mlp.up_proj
+    indices = layer._indices("default")
+    projected = dct.dct2_scattered(weight, indices)
+    assert not torch.allclose(layer.spectral_coefficients["default"], projected)
+    assert abs(layer.rebuild("default").std() / weight.std() - 1) < 0.15
+
+
 @pytest.mark.parametrize("layout", ["random", "lowfreq", "triangle"])
 def test_random_init_matches_the_variance_of_the_layer_init(layout):
     torch.manual_seed(0)
