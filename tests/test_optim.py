@@ -17,6 +17,17 @@ from hf_spectral.optim import (
 )
 
 LAYOUTS = ["lowfreq", "triangle", "random"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # two OpenMP threads on a busy 2-core machine stall each other; these tensors are tiny anyway
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 BASES = ["dct", "random_orthonormal"]
 
 

@@ -1,0 +1,1 @@
+"""Recipes that train and compare spectral models (run them from the repository root)."""
