@@ -11,7 +11,9 @@ from tiny_models import MODELS, example_inputs, logits_of
 from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.layouts import LAYOUTS
 
-CASES = [(name, mode, layout) for name in MODELS for mode in ("delta", "replace") for layout in LAYOUTS]
+CASES = [(name, mode, layout, "dct") for name in MODELS for mode in ("delta", "replace") for layout in LAYOUTS]
+# the paper's control basis, on both a block and a scattered layout
+CASES += [(name, mode, layout, "random_orthonormal") for name in ("gpt2", "llama") for mode in ("delta", "replace") for layout in ("lowfreq", "random")]
 
 
 def build(name: str, mode: str, layout: str, init_weights=False, seed: int = 0, **overrides):
@@ -39,9 +41,9 @@ def test_delta_mode_starts_as_the_identity(name, layout):
     assert not torch.allclose(logits_of(changed, inputs), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,mode,layout", CASES)
-def test_merge_matches_unmerged_forward_and_unmerge_restores_it(name, mode, layout):
-    model = build(name, mode, layout)
+@pytest.mark.parametrize("name,mode,layout,basis", CASES)
+def test_merge_matches_unmerged_forward_and_unmerge_restores_it(name, mode, layout, basis):
+    model = build(name, mode, layout, basis=basis)
     inputs = example_inputs(name)
     unmerged = logits_of(model, inputs)
     model.merge_adapter()
@@ -52,9 +54,9 @@ def test_merge_matches_unmerged_forward_and_unmerge_restores_it(name, mode, layo
     torch.testing.assert_close(logits_of(model, inputs), unmerged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,mode,layout", CASES)
-def test_save_then_load_gives_identical_logits(name, mode, layout, tmp_path):
-    model = build(name, mode, layout)
+@pytest.mark.parametrize("name,mode,layout,basis", CASES)
+def test_save_then_load_gives_identical_logits(name, mode, layout, basis, tmp_path):
+    model = build(name, mode, layout, basis=basis)
     inputs = example_inputs(name)
     expected = logits_of(model, inputs)
     model.save_pretrained(tmp_path)
@@ -65,9 +67,9 @@ def test_save_then_load_gives_identical_logits(name, mode, layout, tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
-@pytest.mark.parametrize("name,mode,layout", CASES)
-def test_merge_and_unload_gives_a_plain_model_with_the_same_logits(name, mode, layout):
-    model = build(name, mode, layout)
+@pytest.mark.parametrize("name,mode,layout,basis", CASES)
+def test_merge_and_unload_gives_a_plain_model_with_the_same_logits(name, mode, layout, basis):
+    model = build(name, mode, layout, basis=basis)
     inputs = example_inputs(name)
     expected = logits_of(model, inputs)
     merged = model.merge_and_unload()
