@@ -84,6 +84,8 @@ def test_spectral_run_saves_a_restorable_adapter_and_resumes(data_dir, tmp_path)
         "time_limit_minutes=0",
     )
     assert first is None
+    partial = json.loads((tmp_path / "b" / "smoke" / "lowfreq_mn2_adamw" / "seed0" / "run.json").read_text())
+    assert not partial["finished"] and partial["steps"] == 1 and partial["curves"]["val"][-1][0] == partial["tokens"]
     resumed = run(
         data_dir, tmp_path / "b", "lowfreq_mn2_adamw", "eval_windows=4", "save_strategy=steps", "save_steps=2"
     )

@@ -20,12 +20,12 @@ KIND_ORDER = {"dense": 0, "spectral": 1, "lowrank": 2}
 FRACTION_NAMES = {1.0: "mn", 0.5: "mn/2", 0.25: "mn/4", 0.1: "mn/10", 0.05: "mn/20"}
 
 
-def load_runs(runs_dir: str | Path) -> dict[str, list[dict]]:
-    """Finished runs grouped by arm."""
+def load_runs(runs_dir: str | Path, unfinished: bool = False) -> dict[str, list[dict]]:
+    """Runs grouped by arm: the finished ones, and with ``unfinished`` also those stopped early."""
     groups = defaultdict(list)
     for path in sorted(Path(runs_dir).glob("*/seed*/run.json")):
         run = json.loads(path.read_text())
-        if run.get("finished"):
+        if run.get("finished") or unfinished:
             groups[run["arm"]].append(run)
     return dict(groups)
 
@@ -180,10 +180,13 @@ def samples(groups: dict[str, list[dict]]) -> str:
     return "\n".join(parts)
 
 
-def compare(runs_dir: str | Path, plots: bool = True) -> str:
-    """Write table.md, samples.md and the plots under ``runs_dir``; return the table with its note."""
+def compare(runs_dir: str | Path, plots: bool = True, unfinished: bool = False) -> str:
+    """Write table.md, samples.md and the plots under ``runs_dir``; return the table with its note.
+
+    With ``unfinished``, runs stopped before their last step are included, at the tokens they reached
+    (the ``tokens`` column says how far each arm got)."""
     runs_dir = Path(runs_dir)
-    groups = load_runs(runs_dir)
+    groups = load_runs(runs_dir, unfinished)
     if not groups:
         return f"No finished runs under {runs_dir}."
     text = table(groups) + "\n\n" + hardware_note(groups) + "\n"
@@ -199,8 +202,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs_dir", help="a profile's folder, e.g. runs/shakespeare_char/quick")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the samples")
+    parser.add_argument("--unfinished", action="store_true", help="include runs stopped early, at their tokens")
     args = parser.parse_args(argv)
-    print(compare(args.runs_dir, plots=not args.no_plots))
+    print(compare(args.runs_dir, plots=not args.no_plots, unfinished=args.unfinished))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ interrupted one resumes from its last checkpoint, so a long profile can be run i
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -22,6 +23,11 @@ from pathlib import Path
 
 from .compare import compare
 from .train import load_profile, run_settings, train
+
+
+def finished(output_dir: Path) -> bool:
+    path = output_dir / "run.json"
+    return path.is_file() and json.loads(path.read_text()).get("finished", False)
 
 
 def planned_runs(profile: dict, arms: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int]]:
@@ -64,7 +70,7 @@ def main(argv=None) -> None:
         arm, seed = run
         settings = run_settings(profile, arm, seed, args.set)
         out = Path(settings["output_dir"])
-        if (out / "run.json").is_file():
+        if finished(out):
             return f"{arm} seed {seed}: done before"
         extra = []
         if deadline is not None:
@@ -82,7 +88,7 @@ def main(argv=None) -> None:
         start = time.monotonic()
         with open(out / "log.txt", "a") as log:
             code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-        state = "finished" if (out / "run.json").is_file() else f"stopped (exit {code}; see {out / 'log.txt'})"
+        state = "finished" if finished(out) else f"stopped (exit {code}; see {out / 'log.txt'})"
         return f"{arm} seed {seed}: {state} in {time.monotonic() - start:.0f} s"
 
     print(f"{len(runs)} runs of profile {profile['name']!r}, {args.jobs} at a time", flush=True)

@@ -227,6 +227,7 @@ def gpt2_config(model_args: ModelArguments, vocab_size: int) -> GPT2Config:
         resid_pdrop=model_args.dropout,
         embd_pdrop=model_args.dropout,
         attn_pdrop=model_args.dropout,
+        activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU, as one fused kernel
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -470,8 +471,8 @@ def train(settings: dict) -> Optional[dict]:
         tokens_per_step=tokens_per_step,
     )
     output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
-    if trainer.state.global_step < args.max_steps:
-        return None  # stopped at its time limit; the checkpoint resumes it
+    # a run stopped at its time limit still records where it got to (finished: false); run again to resume
+    finished = trainer.state.global_step >= args.max_steps
     history = trainer.state.log_history
     if not any("eval_loss" in e and e["step"] == trainer.state.global_step for e in history):
         trainer.evaluate()
@@ -488,7 +489,7 @@ def train(settings: dict) -> Optional[dict]:
         "arm": arm.arm,
         "seed": args.seed,
         **{k: v for k, v in asdict(arm).items() if k != "arm"},
-        "finished": True,
+        "finished": finished,
         "final_val_loss": val_curve[-1][1],
         "best_val_loss": min(v for _, v in val_curve),
         "steps": trainer.state.global_step,
@@ -511,7 +512,7 @@ def train(settings: dict) -> Optional[dict]:
     }
     result["mean_stable_rank"] = float(np.mean(list(result["stable_rank"].values())))
     result_path.write_text(json.dumps(result, indent=1))
-    return result
+    return result if finished else None
 
 
 def main(argv=None) -> None:
