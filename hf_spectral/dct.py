@@ -75,44 +75,117 @@ def _use_fft(sizes: tuple[int, ...], method: str, device: torch.device) -> bool:
     return method == "fft"
 
 
+@functools.lru_cache(maxsize=256)
 def _orthonormal_scale(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
     scale[0] = math.sqrt(1.0 / n)
     return scale.to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=256)
 def _twiddle(n: int, sign: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # exp(sign * i * pi * k / (2n)) in the complex dtype that matches a real ``dtype``.
-    k = torch.arange(n, dtype=torch.float64)
-    tw = torch.polar(torch.ones(n, dtype=torch.float64), sign * math.pi * k / (2 * n))
+    # exp(sign * i * pi * k / (2n)) for k = 0 .. n // 2 (the half spectrum of a real signal), in the
+    # complex dtype that matches a real ``dtype``.
+    k = torch.arange(n // 2 + 1, dtype=torch.float64)
+    tw = torch.polar(torch.ones_like(k), sign * math.pi * k / (2 * n))
     return tw.to(device=device, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
 
 
-def _dct_fft_lastdim(x: torch.Tensor) -> torch.Tensor:
-    # Makhoul (1980): reorder to [x0, x2, x4, ..., x5, x3, x1]; then the unnormalised DCT-II is
-    # y_k = Re(exp(-i pi k / 2n) V_k) with V the FFT of the reordered signal.
-    n = x.shape[-1]
-    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
-    spectrum = torch.fft.fft(v, dim=-1)
-    return (spectrum * _twiddle(n, -1.0, x.dtype, x.device)).real * _orthonormal_scale(n, x.dtype, x.device)
+@functools.lru_cache(maxsize=256)
+def _scaled_twiddle(n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Forward: exp(-i pi k / 2n) * a_k. Inverse: conj(exp(i pi k / 2n) / a_k) (see _idct_fft_lastdim).
+    scale = _orthonormal_scale(n, torch.float64, torch.device("cpu"))[: n // 2 + 1]
+    tw = _twiddle(n, -1.0, torch.float64, torch.device("cpu"))
+    tw = tw / scale if inverse else tw * scale
+    return tw.to(device=device, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
 
 
-def _idct_fft_lastdim(coeffs: torch.Tensor) -> torch.Tensor:
-    # The inverse of _dct_fft_lastdim. For a real signal V_{n-k} = conj(V_k), which gives
-    # V_k = exp(i pi k / 2n) (y_k - i y_{n-k}) with y_n = 0; then v = ifft(V), and undo the reordering.
-    n = coeffs.shape[-1]
-    y = coeffs / _orthonormal_scale(n, coeffs.dtype, coeffs.device)
-    y_mirror = torch.cat([torch.zeros_like(y[..., :1]), y[..., 1:].flip(-1)], dim=-1)
-    spectrum = torch.complex(y, -y_mirror) * _twiddle(n, 1.0, coeffs.dtype, coeffs.device)
-    v = torch.fft.ifft(spectrum, dim=-1).real
-    return v.index_select(-1, _unreorder_index(n, coeffs.device))
+@functools.lru_cache(maxsize=256)
+def _reorder_index(n: int, device: torch.device) -> torch.Tensor:
+    # Makhoul's reordering [x0, x2, x4, ..., x5, x3, x1], as a gather index
+    return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)]).to(device)
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=256)
 def _unreorder_index(n: int, device: torch.device) -> torch.Tensor:
     # position i of the signal sits at v[i // 2] (even i) or v[n - 1 - i // 2] (odd i)
     i = torch.arange(n)
     return torch.where(i % 2 == 0, i // 2, n - 1 - i // 2).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _dct_output_index(n: int, keep: int, device: torch.device) -> torch.Tensor:
+    # output j of the DCT sits at Re(W_j) (j <= n // 2) or at -Im(W_{n-j}), in view_as_real's flat layout
+    j = torch.arange(keep)
+    return torch.where(j <= n // 2, 2 * j, 2 * (n - j) + 1).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _idct_input_index(n: int, device: torch.device) -> torch.Tensor:
+    # (y_k, y_{n-k}) for k = 0 .. n // 2, interleaved; k = 0 reads y_0 twice (the irfft ignores
+    # the imaginary part of the zero-frequency bin)
+    k = torch.arange(n // 2 + 1)
+    return torch.stack([k, torch.where(k == 0, 0, n - k)], dim=-1).reshape(-1).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _idct_output_index(n: int, device: torch.device) -> torch.Tensor:
+    # irfft(conj(X)) is irfft(X) reversed circularly: fold that reversal into the un-reordering
+    return (-_unreorder_index(n, torch.device("cpu"))).remainder(n).to(device)
+
+
+def _dct_fft_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool = False) -> torch.Tensor:
+    """Orthonormal DCT-II along the last dimension through a real FFT; only the first ``keep`` outputs.
+
+    Makhoul (1980): reorder to [x0, x2, x4, ..., x5, x3, x1]; with V the FFT of the reordered signal
+    and W_k = exp(-i pi k / 2n) V_k, the unnormalised DCT-II is y_k = Re(W_k), and for a real signal
+    y_{n-k} = -Im(W_k). A real FFT gives V_0 .. V_{n//2}, which is all that is needed: half the
+    memory and time of a complex FFT. Four passes over the data besides the FFT itself.
+    ``transpose=True`` (2-D input) returns the result transposed and contiguous, in the same passes.
+    """
+    n = x.shape[-1]
+    keep = n if keep is None else keep
+    half = n // 2 + 1
+    v = x.index_select(-1, _reorder_index(n, x.device))
+    w = torch.fft.rfft(v, dim=-1) * _scaled_twiddle(n, False, x.dtype, x.device)
+    if keep <= half:
+        y = w.real[..., :keep]
+        return y.transpose(-1, -2).contiguous() if transpose else y.contiguous()
+    flat = torch.view_as_real(w).flatten(-2)
+    index = _dct_output_index(n, keep, x.device)
+    if transpose:
+        y = flat.transpose(-1, -2).index_select(-2, index)
+        y[..., half:, :].neg_()
+    else:
+        y = flat.index_select(-1, index)
+        y[..., half:].neg_()
+    return y
+
+
+def _idct_fft_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """The inverse of :func:`_dct_fft_lastdim`: DCT-III along the last dimension through an inverse real FFT.
+
+    ``coeffs`` may hold only the first q <= n coefficients (the rest are zero). With y = coeffs / a,
+    V_k = exp(i pi k / 2n) (y_k - i y_{n-k}) (y_n = 0) is the half spectrum of the reordered signal.
+    It is computed as conj(X) with X = conj(exp(i pi k / 2n) / a_k) (y_k + i y_{n-k}), and irfft(conj(X))
+    is irfft(X) reversed, which the final gather undoes together with the reordering.
+    """
+    q = coeffs.shape[-1]
+    n = q if n is None else n
+    half = n // 2 + 1
+    tw = _scaled_twiddle(n, True, coeffs.dtype, coeffs.device)
+    if q <= n - half + 1:  # no y_{n-k} term is non-zero: a real-times-complex product
+        spectrum = coeffs * tw[:q]
+        if q < half:
+            spectrum = torch.nn.functional.pad(torch.view_as_real(spectrum), (0, 0, 0, half - q))
+            spectrum = torch.view_as_complex(spectrum)
+    else:
+        if q < n:
+            coeffs = torch.nn.functional.pad(coeffs, (0, n - q))
+        pairs = coeffs.index_select(-1, _idct_input_index(n, coeffs.device))
+        spectrum = torch.view_as_complex(pairs.view(*pairs.shape[:-1], half, 2)) * tw
+    u = torch.fft.irfft(spectrum, n=n, dim=-1)
+    return u.index_select(-1, _idct_output_index(n, coeffs.device))
 
 
 def dct(x: torch.Tensor, method: str = "auto") -> torch.Tensor:

@@ -18,11 +18,12 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import compute_paths
 from .bases import basis_matrix
-from .dct import dct2, idct2_scattered, scatter_coefficients
+from .dct import dct2
 from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices
 
-COMPUTE_PATHS = ("auto", "dense", "factored")
+COMPUTE_PATHS = compute_paths.PATHS
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,15 @@ class SpectralLayer(BaseTunerLayer):
         self.spectral_settings: dict[str, AdapterSettings] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # how forward computes: "auto" (the cheapest by compute_paths' cost model) or a forced path
         self.compute_path = "auto"
+        self.last_compute_path: Optional[str] = None  # what the last forward did (for tests and benchmarks)
+        # Evaluation reuses the rebuilt weight while the coefficients, the base weight and the active
+        # adapters are unchanged: one extra dense weight per layer, dropped when training resumes.
+        self.cache_weights = True
+        self._weight_cache: Optional[tuple] = None
+        self._plans: dict[str, tuple] = {}
+        self._path_memo: dict[tuple, str] = {}
         self.kwargs = kwargs
 
         base_layer = self.get_base_layer()
@@ -167,23 +176,29 @@ class SpectralLayer(BaseTunerLayer):
             basis_matrix(settings.basis, self.in_features, settings.seed, dtype, device),
         )
 
-    def rebuild(self, adapter: str) -> torch.Tensor:
-        """The out x in matrix ``B_m^T S B_n`` of an adapter's coefficients (unscaled), in float32."""
-        coefficients = self.spectral_coefficients[adapter]
+    def _plan(self, adapter: str) -> compute_paths.SpectralPlan:
+        """The adapter's shapes, basis and index set for the compute paths (kept while the indices are)."""
         settings = self.spectral_settings[adapter]
+        indices = None if settings.block is not None else self._indices(adapter)
+        key = (settings, None if indices is None else (indices.data_ptr(), indices._version, indices.device))
+        cached = self._plans.get(adapter)
+        if cached is None or cached[0] != key:
+            plan = compute_paths.SpectralPlan(
+                self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices
+            )
+            cached = self._plans[adapter] = (key, plan)
+            self._path_memo.clear()
+        return cached[1]
+
+    def rebuild(self, adapter: str) -> torch.Tensor:
+        """The out x in matrix ``B_m^T S B_n`` of an adapter's coefficients (unscaled), in float32.
+
+        Differentiable; its backward is the adjoint transform. Matmuls or FFTs, whichever is cheaper.
+        """
+        coefficients = self.spectral_coefficients[adapter]
         dtype = _transform_dtype(coefficients.dtype)
-        m, n = self.out_features, self.in_features
         with torch.autocast(device_type=coefficients.device.type, enabled=False):
-            values = coefficients.to(dtype)
-            if settings.block is not None:
-                p, q = settings.block
-                b_m, b_n = self._bases(adapter, dtype, values.device)
-                return b_m[:p].T @ values.view(p, q) @ b_n[:q]
-            indices = self._indices(adapter)
-            if settings.basis == "dct":
-                return idct2_scattered(values, indices, m, n)
-            b_m, b_n = self._bases(adapter, dtype, values.device)
-            return b_m.T @ scatter_coefficients(values, indices, m, n) @ b_n
+            return compute_paths.rebuild(self._plan(adapter), coefficients.to(dtype))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """What the adapter adds to the base weight, in the base weight's layout (in x out for Conv1D)."""
@@ -207,6 +222,58 @@ class SpectralLayer(BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         settings = self.spectral_settings.get(adapter_name)
         return settings is not None and settings.mode == "delta"
+
+    # ----------------------------------------------------------------------------------------------
+    # the evaluation-time weight cache
+
+    def drop_weight_cache(self) -> None:
+        """Forget the cached rebuilt weight (it is rebuilt on the next forward that can use it)."""
+        self._weight_cache = None
+
+    def _cache_key(self, active: list[str], dtype: torch.dtype, device: torch.device) -> tuple:
+        # a tensor changed in place bumps its _version; a tensor replaced has another data_ptr
+        def state(t: Optional[torch.Tensor]):
+            return None if t is None else (id(t), t._version, t.data_ptr())
+
+        base = self.get_base_layer().weight
+        adapters = tuple(
+            (a, state(self.spectral_coefficients[a]), self.spectral_settings[a], state(self._indices(a)) if
+             self.spectral_settings[a].block is None else None)
+            for a in active
+        )
+        return (adapters, state(base), dtype, device, torch.is_inference_mode_enabled())
+
+    def _cached_weight(self, active: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = self._cache_key(active, dtype, device)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = None  # free the old one before building the new one
+            with torch.no_grad():
+                weight = self._merged_weight(active).to(dtype).contiguous()
+            self._weight_cache = (key, weight)
+        return self._weight_cache[1]
+
+    def _merged_weight(self, active: list[str]) -> torch.Tensor:
+        """out x in: the replace-mode weight or the base weight, plus every active delta (scaled)."""
+        replace = [a for a in active if self.spectral_settings[a].mode == "replace"]
+        if replace:
+            weight = self.rebuild(replace[0])
+        else:
+            weight = transpose(self.get_base_layer().weight, self.fan_in_fan_out)
+        for adapter in active:
+            settings = self.spectral_settings[adapter]
+            if settings.mode == "delta":
+                weight = weight + self.rebuild(adapter) * settings.scaling
+        return weight
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        self.drop_weight_cache()
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.drop_weight_cache()
+        self._plans.pop(adapter_name, None)
+        self._path_memo.clear()
+        super().delete_adapter(adapter_name)
 
     def __repr__(self) -> str:
         return "spectral." + super().__repr__()
@@ -235,6 +302,7 @@ class SpectralLinear(nn.Module, SpectralLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        self.drop_weight_cache()
         for adapter in adapter_names:
             if adapter not in self.spectral_coefficients:
                 continue
@@ -259,8 +327,9 @@ class SpectralLinear(nn.Module, SpectralLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        self.drop_weight_cache()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter not in self.spectral_coefficients:
@@ -274,26 +343,26 @@ class SpectralLinear(nn.Module, SpectralLayer):
     # ----------------------------------------------------------------------------------------------
     # forward
 
-    def _use_factored(self, adapter: str, tokens: int) -> bool:
-        """Replace mode with a block layout: skip building W when the three small products are cheaper."""
-        block = self.spectral_settings[adapter].block
-        if block is None or self.compute_path == "dense":
-            return False
-        if self.compute_path == "factored":
-            return True
-        p, q = block
-        m, n = self.out_features, self.in_features
-        factored = tokens * (n * q + p * q + p * m)
-        dense = tokens * m * n + p * n * (q + m)
-        return factored < dense
+    def train(self, mode: bool = True):
+        if mode:
+            self.drop_weight_cache()  # training rebuilds every step; the cache would only hold memory
+        return super().train(mode)
 
-    def _factored_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        p, q = self.spectral_settings[adapter].block
-        coefficients = self.spectral_coefficients[adapter].view(p, q).to(x.dtype)
-        b_m, b_n = self._bases(adapter, x.dtype, x.device)
-        out = ((x @ b_n[:q].T) @ coefficients.T) @ b_m[:p]
-        bias = self.get_base_layer().bias
-        return out if bias is None else out + bias.to(x.dtype)
+    def _choose_path(self, adapter: str, plan, tokens: int, x: torch.Tensor, coefficient_grad: bool) -> str:
+        if self.compute_path != "auto":
+            return self.compute_path
+        input_grad = torch.is_grad_enabled() and x.requires_grad
+        key = (adapter, tokens, x.device.type, coefficient_grad, input_grad)
+        path = self._path_memo.get(key)
+        if path is None:
+            mode = self.spectral_settings[adapter].mode
+            path = compute_paths.choose_path(
+                plan, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad
+            )
+            if len(self._path_memo) > 64:
+                self._path_memo.clear()
+            self._path_memo[key] = path
+        return path
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -305,20 +374,46 @@ class SpectralLinear(nn.Module, SpectralLayer):
             return self.base_layer(x, *args, **kwargs)
 
         active = [a for a in self.active_adapters if a in self.spectral_coefficients]
-        replace = [a for a in active if self.spectral_settings[a].mode == "replace"]
-        deltas = [a for a in active if self.spectral_settings[a].mode == "delta"]
-        if replace:
-            if not deltas and self._use_factored(replace[0], x.numel() // max(x.shape[-1], 1)):
-                return self._factored_forward(x, replace[0])
-            weight = self.rebuild(replace[0])
-        elif deltas:
-            weight = transpose(self.get_base_layer().weight, self.fan_in_fan_out)
-        else:
+        if not active:
             self._require_base_weight("run without an active adapter")
             return self.base_layer(x, *args, **kwargs)
-        # Adding the update into one weight and running one matmul measured 1.5-1.7x faster than
-        # a second matmul for the update (the FourierFT way) at 4096 tokens.
-        for adapter in deltas:
-            weight = weight + self.rebuild(adapter) * self.spectral_settings[adapter].scaling
-        bias = self.get_base_layer().bias
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if self.compute_path not in COMPUTE_PATHS:
+            raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
+
+        base = self.get_base_layer()
+        device_type = x.device.type
+        # Under autocast the layer computes in the autocast dtype, as the nn.Linear it wraps would; the
+        # paths themselves run with autocast off so their float32 transforms stay float32.
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        grad = torch.is_grad_enabled()
+        coefficient_grad = grad and any(self.spectral_coefficients[a].requires_grad for a in active)
+        base_grad = grad and base.weight is not None and base.weight.requires_grad
+        with torch.autocast(device_type=device_type, enabled=False):
+            x = x.to(dtype)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            if self.cache_weights and not (coefficient_grad or base_grad):
+                self.last_compute_path = "cached"
+                return F.linear(x, self._cached_weight(active, dtype, x.device), bias)
+            self.drop_weight_cache()
+            if len(active) > 1:
+                # several adapters at once: one merged weight, gradients through the differentiable rebuild
+                self.last_compute_path = "dense"
+                return F.linear(x, self._merged_weight(active).to(dtype), bias)
+            adapter = active[0]
+            settings = self.spectral_settings[adapter]
+            values = self.spectral_coefficients[adapter]
+            values = values.to(_transform_dtype(values.dtype))
+            plan = self._plan(adapter)
+            tokens = x.numel() // max(x.shape[-1], 1)
+            path = self._choose_path(adapter, plan, tokens, x, coefficient_grad)
+            self.last_compute_path = path
+            return compute_paths.run_path(
+                path,
+                x,
+                values,
+                plan,
+                base_weight=None if settings.mode == "replace" else base.weight,
+                bias=bias,
+                scaling=settings.scaling if settings.mode == "delta" else 1.0,
+                fan_in_fan_out=self.fan_in_fan_out,
+            )

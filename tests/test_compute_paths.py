@@ -1,0 +1,319 @@
+"""Every compute path gives the reference's outputs and gradients; the weight cache follows every change;
+no path keeps more than one m x n buffer for backward; replace mode's resident size falls with K."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_spectral import SpectralConfig, SpectralLinear, compute_paths
+from hf_spectral.bases import basis_matrix
+
+M, N = 21, 34  # odd and even, so both FFT branches are taken
+TOKENS = (2, 5)  # T = 10 < M, N: activations are smaller than one M x N buffer
+
+
+def _layer(mode, layout, basis="dct", conv=False, bias=True, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    base = Conv1D(M, N) if conv else nn.Linear(N, M, bias=bias)
+    if conv:
+        nn.init.normal_(base.weight, std=0.2)
+        nn.init.normal_(base.bias, std=0.2)
+    base = base.to(dtype)
+    budget = {"n_coefficients": 90} if mode == "delta" else {"coefficient_fraction": 0.25}
+    config = SpectralConfig(
+        mode=mode, layout=layout, basis=basis, init_weights=False if mode == "delta" else "random", scaling=3.0,
+        fan_in_fan_out=conv, **budget,
+    )
+    layer = SpectralLinear(base, "default", config, "layer", from_pretrained=False)
+    if mode == "replace":
+        layer.release_base_weight()
+    return layer
+
+
+def _reference(layer, x, adapter="default"):
+    """y = x W^T + b with W built from explicit basis matrices in float64, differentiable in the coefficients."""
+    settings = layer.spectral_settings[adapter]
+    values = layer.spectral_coefficients[adapter]
+    b_m = basis_matrix(settings.basis, M, settings.seed, torch.float64)
+    b_n = basis_matrix(settings.basis, N, settings.seed, torch.float64)
+    if settings.block is not None:
+        p, q = settings.block
+        full = torch.zeros(M, N, dtype=torch.float64).index_put((torch.arange(p).repeat_interleave(q), torch.arange(q).repeat(p)), values.double())
+    else:
+        full = torch.zeros(M * N, dtype=torch.float64).index_put((layer._indices(adapter).cpu(),), values.double()).view(M, N)
+    weight = b_m.T @ full @ b_n
+    base = layer.get_base_layer()
+    if settings.mode == "delta":
+        w0 = base.weight.double()
+        weight = (w0.T if layer.fan_in_fan_out else w0) + settings.scaling * weight
+    out = x.double() @ weight.T
+    return out if base.bias is None else out + base.bias.double()
+
+
+def _outputs_and_grads(fn, layer, x, upstream):
+    params = [layer.spectral_coefficients["default"]]
+    bias = layer.get_base_layer().bias
+    if bias is not None:
+        params.append(bias)
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    grads = torch.autograd.grad(out, [x, *params], upstream.to(out.dtype))
+    return out.detach(), grads
+
+
+CASES = [
+    (mode, layout, basis, conv)
+    for mode in ("delta", "replace")
+    for layout in ("lowfreq", "random")
+    for basis in ("dct", "random_orthonormal")
+    for conv in (False, True)
+]
+
+
+@pytest.mark.parametrize("mode,layout,basis,conv", CASES)
+def test_every_path_gives_the_reference_outputs_and_gradients(mode, layout, basis, conv):
+    layer = _layer(mode, layout, basis, conv)
+    x = torch.randn(*TOKENS, N, dtype=torch.float64)
+    upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
+    expected, expected_grads = _outputs_and_grads(lambda t: _reference(layer, t), layer, x, upstream)
+    paths = compute_paths.available_paths(layer._plan("default"), mode)
+    assert ("factored" in paths) == (layout == "lowfreq") and ("spectral" in paths) == (basis == "dct")
+    for transform in ("matmul", "fft"):
+        for path in paths:
+            layer.compute_path = path
+            with compute_paths.forced_transform(transform if basis == "dct" else None):
+                out, grads = _outputs_and_grads(layer, layer, x, upstream)
+            assert layer.last_compute_path == path
+            where = f"{path} ({transform})"
+            torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, msg=where)
+            for got, want, name in zip(grads, expected_grads, ("x", "coefficients", "bias")):
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{where}: gradient of {name}")
+
+
+@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("replace", "random"), ("replace", "lowfreq")])
+def test_paths_in_float32_and_under_bf16_autocast(mode, layout):
+    layer = _layer(mode, layout, dtype=torch.float32)
+    x = torch.randn(*TOKENS, N)
+    expected = _reference(layer, x)
+    for path in compute_paths.available_paths(layer._plan("default"), mode):
+        layer.compute_path = path
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-4, msg=path)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16, path
+        torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05, msg=path)
+        out.float().sum().backward()
+        assert torch.isfinite(layer.spectral_coefficients["default"].grad).all()
+        layer.spectral_coefficients["default"].grad = None
+
+
+def test_a_path_that_does_not_fit_the_layer_is_a_clear_error():
+    layer = _layer("delta", "random")
+    layer.compute_path = "factored"
+    with pytest.raises(ValueError, match="not available.*scattered positions"):
+        layer(torch.randn(3, N, dtype=torch.float64))
+    layer.compute_path = "fastest"
+    with pytest.raises(ValueError, match="compute_path must be one of"):
+        layer(torch.randn(3, N, dtype=torch.float64))
+    replace = _layer("replace", "lowfreq")
+    replace.compute_path = "separate"
+    with pytest.raises(ValueError, match="not available"):
+        replace(torch.randn(3, N, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# what is kept for backward
+
+
+def _big_saved_tensors(layer, x):
+    """Tensors of at least M * N elements that autograd keeps for backward, other than parameters."""
+    owned = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers(), x)}
+    saved = []
+
+    def pack(t):
+        if t.numel() >= M * N and t.untyped_storage().data_ptr() not in owned:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    return saved
+
+
+@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("replace", "random"), ("replace", "lowfreq")])
+def test_no_path_keeps_more_than_one_dense_buffer_for_backward(mode, layout):
+    layer = _layer(mode, layout)
+    x = torch.randn(*TOKENS, N, dtype=torch.float64, requires_grad=True)
+    for transform in ("matmul", "fft"):
+        for path in compute_paths.available_paths(layer._plan("default"), mode):
+            layer.compute_path = path
+            with compute_paths.forced_transform(transform):
+                saved = _big_saved_tensors(layer, x)
+            expected = 0 if path in ("factored", "spectral") else 1  # the merged weight, or the update
+            assert len(saved) == expected, (path, transform, saved)
+
+
+def test_replace_mode_resident_size_falls_with_k():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64))
+
+    def resident_bytes(module):
+        tensors = {t.untyped_storage().data_ptr(): t for t in (*module.parameters(), *module.buffers())}
+        return sum(t.untyped_storage().nbytes() for t in tensors.values())
+
+    dense = resident_bytes(model())
+    sizes = []
+    for fraction in (0.5, 0.125):
+        for layout in ("lowfreq", "random"):
+            config = SpectralConfig(mode="replace", coefficient_fraction=fraction, layout=layout, target_modules=["0", "2"])
+            sizes.append((fraction, layout, resident_bytes(get_peft_model(model(), config))))
+    for fraction, layout, size in sizes:
+        weights = 64 * 96 * 2 * 4
+        # K coefficients in fp32 (+ an int64 index per coefficient for random layouts, rebuilt from the seed
+        # and not saved) and the biases; no dense weight
+        per_coefficient = 4 if layout == "lowfreq" else 12
+        assert size <= dense - weights + fraction * 64 * 96 * 2 * per_coefficient + 64, (fraction, layout, size)
+    assert sizes[2][2] < sizes[0][2] and sizes[3][2] < sizes[1][2]
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation: the cached weight
+
+
+def _eval(layer, x):
+    with torch.no_grad():
+        return layer(x)
+
+
+def test_evaluation_uses_the_cached_weight_and_follows_every_change():
+    layer = _layer("delta", "random")
+    x = torch.randn(*TOKENS, N, dtype=torch.float64)
+    coefficients = layer.spectral_coefficients["default"]
+    first = _eval(layer, x)
+    assert layer.last_compute_path == "cached"
+    torch.testing.assert_close(first, _reference(layer, x).detach())
+    cached = layer._weight_cache[1]
+    _eval(layer, x)
+    assert layer._weight_cache[1] is cached  # reused, not rebuilt
+
+    with torch.no_grad():
+        coefficients.mul_(2.0)  # an optimizer step: in place, bumps _version
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x).detach())
+    assert layer._weight_cache[1] is not cached
+
+    coefficients.data = coefficients.data * 0.5  # a new tensor behind the same parameter
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x).detach())
+
+    with torch.no_grad():
+        layer.get_base_layer().weight.add_(0.1)  # the base weight changed too
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x).detach())
+
+    # a training forward drops the cache (it would only hold memory) and does not use it
+    out = layer(x)
+    assert layer._weight_cache is None and layer.last_compute_path != "cached"
+    torch.testing.assert_close(out, _reference(layer, x))
+    _eval(layer, x)
+    layer.train()
+    assert layer._weight_cache is None
+
+    # switched off: evaluation takes the cheapest path without a cache
+    layer.cache_weights = False
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x).detach())
+    assert layer.last_compute_path != "cached" and layer._weight_cache is None
+
+
+def test_cache_is_dropped_on_adapter_switch_merge_and_delete():
+    layer = _layer("delta", "lowfreq")
+    other = SpectralConfig(n_coefficients=40, layout="random", init_weights=False, scaling=2.0, seed=3)
+    layer.update_layer("other", other, "layer", from_pretrained=False)
+    x = torch.randn(*TOKENS, N, dtype=torch.float64)
+    layer.set_adapter("default")
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x, "default").detach())
+    layer.set_adapter("other")
+    assert layer._weight_cache is None
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x, "other").detach())
+
+    expected = _eval(layer, x)
+    layer.merge()
+    assert layer._weight_cache is None
+    torch.testing.assert_close(_eval(layer, x), expected)
+    layer.unmerge()
+    torch.testing.assert_close(_eval(layer, x), expected)
+
+    layer.set_adapter("default")
+    _eval(layer, x)
+    layer.delete_adapter("other")
+    assert layer._weight_cache is None
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x, "default").detach())
+
+
+def test_frozen_coefficients_use_the_cache_with_gradients_on_and_after_inference_mode():
+    layer = _layer("replace", "random")
+    layer.requires_grad_(False)
+    x = torch.randn(*TOKENS, N, dtype=torch.float64)
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_(True)
+    out = layer(x)  # the cache built under inference_mode cannot be saved for backward: rebuilt
+    assert layer.last_compute_path == "cached"
+    out.sum().backward()
+    torch.testing.assert_close(out, _reference(layer, x))
+    assert x.grad is not None
+
+
+def test_model_switches_and_merge_and_unload_leave_plain_linear_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+    peft_model = get_peft_model(model, SpectralConfig(n_coefficients=50, init_weights=False, target_modules=["0", "2"]))
+    x = torch.randn(4, 16)
+    assert compute_paths.set_compute_path(peft_model, "sampled") == 2
+    training = peft_model(x)
+    assert compute_paths.set_weight_cache(peft_model, False) == 2
+    with torch.no_grad():
+        uncached = peft_model(x)
+    compute_paths.set_weight_cache(peft_model, True)
+    with torch.no_grad():
+        cached = peft_model(x)
+    torch.testing.assert_close(uncached, training.detach())
+    torch.testing.assert_close(cached, training.detach())
+    with pytest.raises(ValueError, match="compute path must be one of"):
+        compute_paths.set_compute_path(peft_model, "fast")
+    merged = peft_model.merge_and_unload()
+    assert type(merged[0]) is nn.Linear and type(merged[2]) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), cached, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# the choice
+
+
+def test_auto_takes_the_cheapest_path_of_the_cost_model():
+    def plan(m, n, k, layout):
+        if layout == "lowfreq":
+            from hf_spectral.layouts import lowfreq_block
+
+            return compute_paths.SpectralPlan(m, n, "dct", 0, lowfreq_block(m, n, k), None)
+        return compute_paths.SpectralPlan(m, n, "dct", 0, None, torch.randperm(m * n)[:k].sort().values)
+
+    for device in ("cpu", "cuda"):
+        for m, n, k, layout, mode in [
+            (2048, 2048, 2048 * 2048 // 8, "lowfreq", "replace"),
+            (2048, 2048, 2048 * 2048 // 2, "random", "replace"),
+            (4096, 4096, 1000, "random", "delta"),
+            (768, 768, 65536, "lowfreq", "delta"),
+        ]:
+            p = plan(m, n, k, layout)
+            costs = compute_paths.estimate_costs(p, mode, 4096, device)
+            chosen = compute_paths.choose_path(p, mode, 4096, device, coefficient_grad=True, input_grad=True)
+            assert chosen != "separate" and costs[chosen] == min(v for key, v in costs.items() if key != "separate")
+            assert set(costs) == set(compute_paths.available_paths(p, mode))
+        # a small block is never built into a dense weight when there are many tokens
+        small_block = plan(2048, 2048, 2048 * 2048 // 8, "lowfreq")
+        assert compute_paths.choose_path(small_block, "replace", 4096, device, coefficient_grad=True, input_grad=True) in ("factored", "spectral")
+        # a full-rank random half of the coefficients is
+        half_random = plan(2048, 2048, 2048 * 2048 // 2, "random")
+        assert compute_paths.choose_path(half_random, "replace", 4096, device, coefficient_grad=True, input_grad=True) == "dense"
