@@ -21,16 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from ecosystem_utils import spectral_state, tiny_gpt2, token_rows  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from hf_spectral import SpectralConfig  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=4)
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--layout", default="lowfreq")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     parser.add_argument("--lr", type=float, default=1e-2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     accelerator = Accelerator()
     if args.global_batch % accelerator.num_processes:
@@ -70,14 +71,22 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     unwrapped = accelerator.unwrap_model(model)
-    save_file({k: v.contiguous() for k, v in spectral_state(unwrapped).items()},
-              os.path.join(args.out, f"rank{accelerator.process_index}.safetensors"))
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:  # whole tensors gathered from the shards, on the main process
+        state = {k: v for k, v in accelerator.get_state_dict(model).items() if "spectral_coefficients" in k}
+    else:
+        state = spectral_state(unwrapped)
+    if state:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()},
+                  os.path.join(args.out, f"rank{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(os.path.join(args.out, "adapter"))
+        if not sharded:
+            unwrapped.save_pretrained(os.path.join(args.out, "adapter"))
         with open(os.path.join(args.out, "losses.json"), "w") as handle:
             json.dump({"processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-                       "losses": losses}, handle)
+                       "device": str(accelerator.device), "losses": losses,
+                       "dtensor_parameters": sum(isinstance(p, DTensor) for p in model.parameters())}, handle)
     accelerator.end_training()
 
 
