@@ -15,6 +15,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 KIND_ORDER = {"dense": 0, "spectral": 1, "lowrank": 2}
 FRACTION_NAMES = {1.0: "mn", 0.5: "mn/2", 0.25: "mn/4", 0.1: "mn/10", 0.05: "mn/20"}
@@ -53,28 +54,45 @@ def _describe(run: dict) -> tuple[str, str, str, str]:
     return f"spectral {run['layout']}", basis, run["optimizer"], _fraction_name(run["fraction"])
 
 
-def table(groups: dict[str, list[dict]]) -> str:
+def _val_at(run: dict, step: Optional[int]) -> Optional[float]:
+    """Validation loss at ``step`` (None: the run's last evaluation), or None if it has no evaluation there."""
+    if step is None:
+        return run["final_val_loss"]
+    tokens = step * run["tokens"] // run["steps"]
+    return next((loss for t, loss in run["curves"]["val"] if t == tokens), None)
+
+
+def _best_until(run: dict, step: Optional[int]) -> float:
+    limit = float("inf") if step is None else step * run["tokens"] // run["steps"]
+    return min(loss for t, loss in run["curves"]["val"] if t <= limit)
+
+
+def table(groups: dict[str, list[dict]], at_step: Optional[int] = None) -> str:
+    """One row per arm: mean ± std over seeds of the final validation loss (or the one at ``at_step``)."""
+    groups = {arm: [r for r in runs if _val_at(r, at_step) is not None] for arm, runs in groups.items()}
+    groups = {arm: runs for arm, runs in groups.items() if runs}
     dense = groups.get("dense")
-    dense_mean = _mean_std([r["final_val_loss"] for r in dense])[0] if dense else None
+    dense_mean = _mean_std([_val_at(r, at_step) for r in dense])[0] if dense else None
     header = (
         "| arm | storage | basis | optimizer | K per layer | block params | checkpoint | seeds | tokens "
-        "| val loss (mean ± std) | vs dense | stable rank | tokens/s |"
+        "| val loss (mean ± std) | vs dense | best val so far | stable rank | tokens/s |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for arm, runs in sorted(groups.items(), key=lambda item: _arm_key(item[1])):
         first = runs[0]
         storage, basis, optimizer, k = _describe(first)
-        mean, std = _mean_std([r["final_val_loss"] for r in runs])
+        mean, std = _mean_std([_val_at(r, at_step) for r in runs])
+        best = statistics.fmean(_best_until(r, at_step) for r in runs)
         delta = "" if dense_mean is None or arm == "dense" else f"{mean - dense_mean:+.3f}"
         ranks = statistics.fmean(r["mean_stable_rank"] for r in runs)
         speed = statistics.fmean(r["tokens_per_second"] for r in runs)
         checkpoint = first.get("checkpoint_bytes")
         size = f"{checkpoint / 2**20:.2f} MiB" if checkpoint else "-"
-        tokens = {r["tokens"] for r in runs}
+        tokens = sorted({r["tokens"] if at_step is None else at_step * r["tokens"] // r["steps"] for r in runs})
         lines.append(
             f"| {arm} | {storage} | {basis} | {optimizer} | {k} | {first['params']['block']:,} "
             f"({first['params']['block_share']:.0%}) | {size} | {len(runs)} | "
-            f"{'/'.join(f'{t / 1e6:.1f}M' for t in sorted(tokens))} | {mean:.3f} ± {std:.3f} | {delta} | "
+            f"{'/'.join(f'{t / 1e6:.1f}M' for t in tokens)} | {mean:.3f} ± {std:.3f} | {delta} | {best:.3f} | "
             f"{ranks:.1f} | {speed:,.0f} |"
         )
     return "\n".join(lines)
@@ -97,7 +115,8 @@ def _mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     for run in runs:
         for tokens, loss in run["curves"][key]:
             by_tokens[tokens].append(loss)
-    xs = sorted(t for t, v in by_tokens.items() if len(v) == len(runs))
+    # the mean of the runs that got that far (runs stopped early end sooner; the legend gives the seed count)
+    xs = sorted(by_tokens)
     return xs, [statistics.fmean(by_tokens[t]) for t in xs]
 
 
@@ -180,17 +199,18 @@ def samples(groups: dict[str, list[dict]]) -> str:
     return "\n".join(parts)
 
 
-def compare(runs_dir: str | Path, plots: bool = True, unfinished: bool = False) -> str:
+def compare(runs_dir: str | Path, plots: bool = True, unfinished: bool = False, at_step: Optional[int] = None) -> str:
     """Write table.md, samples.md and the plots under ``runs_dir``; return the table with its note.
 
     With ``unfinished``, runs stopped before their last step are included, at the tokens they reached
-    (the ``tokens`` column says how far each arm got)."""
+    (the ``tokens`` column says how far each arm got); ``at_step`` compares every run at that step (an
+    evaluation step) instead of at its end. Stable ranks, samples and speeds are always at the run's end."""
     runs_dir = Path(runs_dir)
     groups = load_runs(runs_dir, unfinished)
     if not groups:
         return f"No finished runs under {runs_dir}."
-    text = table(groups) + "\n\n" + hardware_note(groups) + "\n"
-    (runs_dir / "table.md").write_text(text)
+    text = table(groups, at_step) + "\n\n" + hardware_note(groups) + "\n"
+    (runs_dir / ("table.md" if at_step is None else f"table_step{at_step}.md")).write_text(text)
     (runs_dir / "samples.md").write_text(samples(groups))
     if plots:
         plot_val_loss(groups, runs_dir / "val_loss.png")
@@ -203,8 +223,9 @@ def main(argv=None) -> None:
     parser.add_argument("runs_dir", help="a profile's folder, e.g. runs/shakespeare_char/quick")
     parser.add_argument("--no-plots", action="store_true", help="only the table and the samples")
     parser.add_argument("--unfinished", action="store_true", help="include runs stopped early, at their tokens")
+    parser.add_argument("--at-step", type=int, default=None, help="compare at this evaluation step, not the end")
     args = parser.parse_args(argv)
-    print(compare(args.runs_dir, plots=not args.no_plots, unfinished=args.unfinished))
+    print(compare(args.runs_dir, plots=not args.no_plots, unfinished=args.unfinished, at_step=args.at_step))
 
 
 if __name__ == "__main__":

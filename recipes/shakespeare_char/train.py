@@ -143,7 +143,9 @@ def run_settings(profile: dict, arm: str, seed: int, overrides: list[str] | None
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value, e.g. max_steps=100.")
-        settings[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        # YAML 1.1 reads no/yes/on/off as booleans; keep them as words (save_strategy=no)
+        settings[key] = value if isinstance(parsed, bool) and value.lower() not in ("true", "false") else parsed
     settings.setdefault("data_seed", seed)
     runs_dir = settings.get("runs_dir", DataArguments.runs_dir)
     settings.setdefault("output_dir", str(Path(runs_dir) / settings["profile"] / arm / f"seed{seed}"))
@@ -420,7 +422,12 @@ def last_complete_checkpoint(output_dir: Path) -> Optional[str]:
 
 def hardware(args: TrainingArguments) -> dict:
     device = args.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.is_file() else []
+        name = f"{models[0].strip()} ({len(models)} cores)" if models else platform.processor() or platform.machine()
     return {
         "device": device.type,
         "name": name,
