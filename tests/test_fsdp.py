@@ -66,3 +66,16 @@ def test_a_sharded_safetensors_checkpoint_loads_back_to_the_same_logits(ranks, m
     assert sizes.keys() == expected.keys()
     for key, parts in sizes.items():  # each file holds one rank's shard, not the whole tensor
         assert len(parts) == 2 and sum(parts) == expected[key]["global"][0] and max(parts) < sum(parts)
+
+
+def test_the_shipped_distributed_configs_parse():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    configs = TESTS_DIR.parent / "recipes" / "configs"
+    fsdp = ClusterConfig.from_yaml_file(str(configs / "accelerate_fsdp.yaml"))
+    assert str(fsdp.distributed_type) == "DistributedType.FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    deepspeed = ClusterConfig.from_yaml_file(str(configs / "accelerate_deepspeed_zero2.yaml"))
+    assert (TESTS_DIR.parent / deepspeed.deepspeed_config["deepspeed_config_file"]).is_file()
+    for stage in (2, 3):
+        config = json.loads((configs / f"deepspeed_zero{stage}.json").read_text())
+        assert config["zero_optimization"]["stage"] == stage and config["train_micro_batch_size_per_gpu"] == "auto"
