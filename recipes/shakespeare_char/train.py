@@ -55,6 +55,7 @@ from .prepare import load_meta, load_split, prepare
 KINDS = ("dense", "spectral", "lowrank")
 OPTIMIZERS = {"adamw": None, "wadam": "weight", "wfactored": "factored"}
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's Conv1D layers per block
+BLOCK_LAYER_NAME = re.compile(r"h\.(\d+)\.(" + "|".join(re.escape(n) for n in BLOCK_LAYERS) + r")$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def block_layer_names(model: nn.Module) -> dict[str, nn.Module]:
     """``h.{i}.attn.c_attn``-style names of the blocks' linear layers (dense, spectral or LoRA)."""
     found = {}
     for name, module in model.named_modules():
-        match = re.search(r"h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$", name)
+        match = BLOCK_LAYER_NAME.search(name)
         if match:
             found[f"h.{match.group(1)}.{match.group(2)}"] = module
     return found
