@@ -56,12 +56,12 @@ class HangingTrainer(Trainer):
         return super()._save_optimizer_and_scheduler(output_dir)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--hang-in-save-at", type=int)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     # dropout on, so the resumed run must restore the RNG state exactly; 16 rows of 4 per step =
     # 4 steps per epoch, so 6 steps cross an epoch boundary
