@@ -339,18 +339,33 @@ class _MergedLinear(torch.autograd.Function):
         return grad_x, grad_values, grad_base, grad_bias, None, None, None, None, None
 
 
+def sampled_chunk(plan: SpectralPlan, tokens: int) -> int:
+    """Tokens per chunk of the sampled gradient: its transform buffers (a few chunk x (m + n) floats)
+    then stay near one m x n buffer however many tokens there are; at least 256 rows per FFT call."""
+    return min(tokens, max(256, plan.m * plan.n // (plan.m + plan.n)))
+
+
 def _coefficient_grad(plan, grad_2d, x_2d, grad_method, weight_method, dtype):
     if grad_method == "dense":
         return plan.adjoint((grad_2d.T @ x_2d).to(dtype), weight_method)
-    grad_2d, x_2d = grad_2d.to(dtype), x_2d.to(dtype)
-    if plan.block is not None:
-        p, q = plan.block
-        gd = plan.analyse(grad_2d, "out", p, plan.activation_method("out", p, grad_2d.device))
-        xd = plan.analyse(x_2d, "in", q, plan.activation_method("in", q, x_2d.device))
-        return (gd.T @ xd).reshape(-1)
-    gd_t = plan.analyse(grad_2d, "out", plan.m, plan.activation_method("out", plan.m, grad_2d.device), transpose=True)
-    xd_t = plan.analyse(x_2d, "in", plan.n, plan.activation_method("in", plan.n, x_2d.device), transpose=True)
-    return plan.sampled_product(gd_t, xd_t.T)
+    # sum over token chunks of DCT_m(g)^T DCT_n(x) at the K positions
+    tokens = grad_2d.shape[0]
+    chunk = sampled_chunk(plan, tokens)
+    method_out = plan.activation_method("out", plan.block[0] if plan.block else plan.m, grad_2d.device)
+    method_in = plan.activation_method("in", plan.block[1] if plan.block else plan.n, x_2d.device)
+    total = None
+    for start in range(0, tokens, chunk):
+        g, x = grad_2d[start : start + chunk].to(dtype), x_2d[start : start + chunk].to(dtype)
+        if plan.block is not None:
+            p, q = plan.block
+            part = (plan.analyse(g, "out", p, method_out).T @ plan.analyse(x, "in", q, method_in)).reshape(-1)
+        else:
+            gd_t = plan.analyse(g, "out", plan.m, method_out, transpose=True)
+            xd_t = plan.analyse(x, "in", plan.n, method_in, transpose=True)
+            part = plan.sampled_product(gd_t, xd_t.T)
+        total = part if total is None else total.add_(part)
+        del g, x, part
+    return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,20 +460,22 @@ class DeviceCosts:
     elementwise: float
     fft: float
     sparse: float
+    dct_passes: float = 11.0
 
 
 # Measured with benchmarks/calibrate.py (see benchmarks/README.md for the machines).
 DEVICE_COSTS = {
-    "cpu": DeviceCosts(elementwise=60.0, fft=8.0, sparse=10.0),
-    "cuda": DeviceCosts(elementwise=400.0, fft=100.0, sparse=200.0),
+    "cpu": DeviceCosts(elementwise=25.0, fft=8.0, sparse=6.0, dct_passes=11.0),
+    "cuda": DeviceCosts(elementwise=400.0, fft=100.0, sparse=200.0, dct_passes=11.0),
 }
 
 
 def _transform_cost(costs: DeviceCosts, rows: int, size: int, keep: int, method: str) -> float:
     if method == "matmul":
         return 2.0 * rows * size * keep
-    # a gather, the FFT, a twiddle product and a gather/copy on the way out
-    return rows * size * (costs.fft * math.log2(max(size, 2)) + 4 * costs.elementwise)
+    # the FFT, and around it a gather, a complex twiddle product and a gather on the way out (measured
+    # together at about DCT_PASSES elementwise passes)
+    return rows * size * (costs.fft * math.log2(max(size, 2)) + costs.dct_passes * costs.elementwise)
 
 
 def _best_transform(plan: SpectralPlan, costs: DeviceCosts, rows: int, side: str, keep: int) -> float:

@@ -134,6 +134,15 @@ def _idct_output_index(n: int, device: torch.device) -> torch.Tensor:
     return (-_unreorder_index(n, torch.device("cpu"))).remainder(n).to(device)
 
 
+def _fused(x: torch.Tensor) -> bool:
+    # On CUDA, Triton kernels fuse the passes around cuFFT (hf_spectral/triton_kernels.py), if Triton imports.
+    try:
+        from . import triton_kernels
+    except ImportError:  # pragma: no cover
+        return False
+    return triton_kernels.usable(x)
+
+
 def _dct_fft_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool = False) -> torch.Tensor:
     """Orthonormal DCT-II along the last dimension through a real FFT; only the first ``keep`` outputs.
 
@@ -145,6 +154,10 @@ def _dct_fft_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool =
     """
     n = x.shape[-1]
     keep = n if keep is None else keep
+    if x.is_cuda and _fused(x):
+        from . import triton_kernels
+
+        return triton_kernels.dct_lastdim(x, keep, transpose)
     half = n // 2 + 1
     v = x.index_select(-1, _reorder_index(n, x.device))
     w = torch.fft.rfft(v, dim=-1) * _scaled_twiddle(n, False, x.dtype, x.device)
@@ -172,6 +185,10 @@ def _idct_fft_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tenso
     """
     q = coeffs.shape[-1]
     n = q if n is None else n
+    if coeffs.is_cuda and _fused(coeffs):
+        from . import triton_kernels
+
+        return triton_kernels.idct_lastdim(coeffs, n)
     half = n // 2 + 1
     tw = _scaled_twiddle(n, True, coeffs.dtype, coeffs.device)
     if q <= n - half + 1:  # no y_{n-k} term is non-zero: a real-times-complex product

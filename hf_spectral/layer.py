@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -384,11 +385,12 @@ class SpectralLinear(nn.Module, SpectralLayer):
         device_type = x.device.type
         # Under autocast the layer computes in the autocast dtype, as the nn.Linear it wraps would; the
         # paths themselves run with autocast off so their float32 transforms stay float32.
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         grad = torch.is_grad_enabled()
         coefficient_grad = grad and any(self.spectral_coefficients[a].requires_grad for a in active)
         base_grad = grad and base.weight is not None and base.weight.requires_grad
-        with torch.autocast(device_type=device_type, enabled=False):
+        with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
             x = x.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
             if self.cache_weights and not (coefficient_grad or base_grad):

@@ -67,8 +67,7 @@ CASES = [
     (mode, layout, basis, conv)
     for mode in ("delta", "replace")
     for layout in ("lowfreq", "random")
-    for basis in ("dct", "random_orthonormal")
-    for conv in (False, True)
+    for basis, conv in (("dct", False), ("dct", True), ("random_orthonormal", False))
 ]
 
 
@@ -297,7 +296,7 @@ def test_auto_takes_the_cheapest_path_of_the_cost_model():
             from hf_spectral.layouts import lowfreq_block
 
             return compute_paths.SpectralPlan(m, n, "dct", 0, lowfreq_block(m, n, k), None)
-        return compute_paths.SpectralPlan(m, n, "dct", 0, None, torch.randperm(m * n)[:k].sort().values)
+        return compute_paths.SpectralPlan(m, n, "dct", 0, None, torch.arange(k))  # positions do not change costs
 
     for device in ("cpu", "cuda"):
         for m, n, k, layout, mode in [
@@ -317,3 +316,85 @@ def test_auto_takes_the_cheapest_path_of_the_cost_model():
         # a full-rank random half of the coefficients is
         half_random = plan(2048, 2048, 2048 * 2048 // 2, "random")
         assert compute_paths.choose_path(half_random, "replace", 4096, device, coefficient_grad=True, input_grad=True) == "dense"
+
+
+def test_the_sampled_gradient_summed_over_token_chunks_is_the_same(monkeypatch):
+    monkeypatch.setattr(compute_paths, "sampled_chunk", lambda plan, tokens: 3)  # 10 tokens: chunks of 3, 3, 3, 1
+    for layout in ("lowfreq", "random"):
+        layer = _layer("delta", layout)
+        layer.compute_path = "sampled"
+        x = torch.randn(*TOKENS, N, dtype=torch.float64)
+        upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
+        expected = _outputs_and_grads(lambda t: _reference(layer, t), layer, x, upstream)
+        for transform in ("matmul", "fft"):
+            with compute_paths.forced_transform(transform):
+                got = _outputs_and_grads(layer, layer, x, upstream)
+            for a, b in zip(got[1], expected[1]):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# on a GPU (skipped elsewhere)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("replace", "random"), ("replace", "lowfreq")])
+def test_every_path_on_cuda_gives_the_reference(mode, layout, dtype):
+    layer = _layer(mode, layout, dtype=torch.float64)
+    x = torch.randn(*TOKENS, N, dtype=torch.float64)
+    upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
+    expected, expected_grads = _outputs_and_grads(lambda t: _reference(layer, t), layer, x, upstream)
+    layer = layer.to("cuda")
+    layer.get_base_layer().to(dtype)
+    tol = 2e-3 if dtype == torch.float32 else 5e-2
+    for transform in ("matmul", "fft"):
+        for path in compute_paths.available_paths(layer._plan("default"), mode):
+            layer.compute_path = path
+            with compute_paths.forced_transform(transform):
+                out, grads = _outputs_and_grads(layer, layer, x.to("cuda", dtype), upstream.to("cuda", dtype))
+            where = f"{path} ({transform}, {dtype})"
+            scale = expected.abs().max()
+            torch.testing.assert_close(out.double().cpu() / scale, expected / scale, rtol=tol, atol=tol, msg=where)
+            for got, want in zip(grads, expected_grads):
+                s = want.abs().max()
+                torch.testing.assert_close(got.double().cpu() / s, want / s, rtol=tol, atol=tol, msg=where)
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 129, 1024])
+def test_fused_transforms_on_cuda_match_the_reference(n):
+    from hf_spectral import triton_kernels
+    from hf_spectral.dct import _dct_fft_lastdim, _idct_fft_lastdim
+
+    x = torch.randn(33, n, dtype=torch.float64)
+    for keep in sorted({1, n // 2, n // 2 + 1, n} - {0}):
+        expected = _dct_fft_lastdim(x, keep)
+        got = _dct_fft_lastdim(x.float().cuda(), keep)
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+        got_t = _dct_fft_lastdim(x.float().cuda(), keep, transpose=True)
+        torch.testing.assert_close(got_t.double().cpu(), expected.T, rtol=1e-4, atol=1e-4)
+        c = torch.randn(keep, 33, dtype=torch.float64).T  # strided input
+        torch.testing.assert_close(_idct_fft_lastdim(c.float().cuda(), n).double().cpu(), _idct_fft_lastdim(c, n), rtol=1e-4, atol=1e-4)
+    assert triton_kernels.usable(x.float().cuda()) == triton_kernels.HAS_TRITON
+
+
+def test_fused_transform_kernels_in_the_triton_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if torch.cuda.is_available():
+        pytest.skip("checked on the device itself")
+    import importlib
+
+    from hf_spectral import triton_kernels
+    from hf_spectral.dct import _dct_fft_lastdim, _idct_fft_lastdim
+
+    importlib.reload(triton_kernels)  # the interpreter is chosen when the kernels are defined
+    for n in (1, 6, 17):
+        x = torch.randn(5, n)
+        for keep in sorted({1, n // 2 + 1, n} - {0}):
+            torch.testing.assert_close(triton_kernels.dct_lastdim(x, keep), _dct_fft_lastdim(x, keep))
+            c = torch.randn(keep, 5).T
+            torch.testing.assert_close(triton_kernels.idct_lastdim(c, n), _idct_fft_lastdim(c, n))
