@@ -40,10 +40,19 @@ def _value(record: dict, split: str) -> float:
     return value if value is not None and math.isfinite(value) else float("nan")
 
 
-def _rank(record: dict | None, sign: int) -> float:
-    """How a run ranks for choosing a learning rate: higher is better; missing or NaN runs rank last."""
-    value = _value(record, "validation") if record is not None else float("nan")
-    return sign * value if math.isfinite(value) else -math.inf
+def rank(results: dict, task: str) -> tuple[float, float]:
+    """How a run ranks when a learning rate is chosen (higher is better): the validation metric (accuracy, or
+    minus perplexity), then minus the validation loss to break ties. Runs without a finite metric rank last."""
+    validation = (results or {}).get("validation", {})
+    value = validation.get("accuracy") if task == "cls" else -validation.get("perplexity", math.inf)
+    loss = validation.get("loss", math.inf)
+    if value is None or not math.isfinite(value):
+        return (-math.inf, -math.inf)
+    return (value, -loss if math.isfinite(loss) else -math.inf)
+
+
+def _rank(record: dict | None, task: str) -> tuple[float, float]:
+    return rank(record["results"], task) if record is not None else (-math.inf, -math.inf)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -61,9 +70,9 @@ def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
     for arm, by_lr in by_arm.items():
         first_seed = min(seed for seeds in by_lr.values() for seed in seeds)
         task = next(iter(next(iter(by_lr.values())).values()))["task"]
-        _, sign = _metric(task)
 
-        best = max(by_lr, key=lambda lr, s=first_seed, runs=by_lr, sign=sign: _rank(runs[lr].get(s), sign))
+        # the sweep's choice (train.rank on the first seed); lrs in ascending order, as the sweep sees them
+        best = max(sorted(by_lr), key=lambda lr, s=first_seed, runs=by_lr, task=task: _rank(runs[lr].get(s), task))
         finals = list(by_lr[best].values())
         sample = finals[0]
         test_mean, test_std = _mean_std([_value(r, "test") for r in finals])

@@ -51,13 +51,11 @@ def _run_task(settings: dict, lr: float, seed: int) -> dict:
         return {"ok": False, "arm": settings["arm"], "lr": lr, "seed": seed, "error": repr(error)}
 
 
-def score(result: dict, task: str) -> float:
-    """Higher is better: validation accuracy, or minus validation perplexity. NaN runs score -inf."""
-    if not result.get("ok"):
-        return -math.inf
-    validation = result["results"]["validation"]
-    value = validation["accuracy"] if task == "cls" else -validation["perplexity"]
-    return value if math.isfinite(value) else -math.inf
+def score(result: dict, task: str) -> tuple[float, float]:
+    """compare.rank of a finished task; a failed run ranks last."""
+    from .compare import rank
+
+    return rank(result.get("results"), task) if result.get("ok") else (-math.inf, -math.inf)
 
 
 def next_lr(lr: float, up: bool) -> float:
@@ -151,6 +149,9 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="*", help="Only these arms.")
     parser.add_argument("overrides", nargs="*", help="key=value settings over every arm's.")
     args = parser.parse_intermixed_args(argv)
+    # "--arms a b key=value" would swallow the overrides: hand key=value items back
+    args.overrides += [a for a in args.arms or [] if "=" in a]
+    args.arms = [a for a in args.arms or [] if "=" not in a]
 
     from .train import _override
 
