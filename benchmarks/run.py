@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
                 text = layer_markdown(rows)
                 print(text + "\n", flush=True)
                 del cases
+                _write(args, name, result, markdown + ["\n### Layers (so far)\n\n" + layer_markdown(result["layers"])])
         markdown.append("\n### Layers: forward + backward (eval rows: forward only, no gradients)\n\n" + layer_markdown(result["layers"]))
     if args.suite in ("models", "all"):
         cases = models.build_model_cases(device, dtype, finetune_k=args.finetune_k)
@@ -123,13 +124,18 @@ def main(argv=None) -> dict:
         print(text + "\n", flush=True)
         markdown.append("\n### Models: one training step (forward, backward, AdamW)\n\n" + text)
 
+    _write(args, name, result, markdown)
+    print(machine_markdown(info, args))
+    return result
+
+
+def _write(args, name: str, result: dict, markdown: list[str]) -> None:
+    # written after every group too, so a run cut short keeps what it measured
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     with open(os.path.join(args.out, name + ".md"), "w") as f:
         f.write("\n".join(markdown) + "\n")
-    print(machine_markdown(info, args))
-    return result
 
 
 if __name__ == "__main__":

@@ -175,13 +175,14 @@ class SpectralPlan:
         costs = DEVICE_COSTS.get(device.type, DEVICE_COSTS["cpu"])
         return min(("matmul", "fft"), key=lambda method: _weight_cost(self, costs, method))
 
-    def activation_method(self, side: str, keep: int, device: torch.device) -> str:
+    def activation_method(self, side: str, keep: int, device: torch.device, rows: int) -> str:
+        """fft or matmul for a float32 transform of ``rows`` activations, whichever is cheaper."""
         if self.basis != "dct":
             return "matmul"
         if _FORCED_TRANSFORM is not None:
             return _FORCED_TRANSFORM
         costs = DEVICE_COSTS.get(device.type, DEVICE_COSTS["cpu"])
-        return min(("matmul", "fft"), key=lambda method: _transform_cost(costs, 1, self.size(side), keep, method))
+        return min(("matmul", "fft"), key=lambda method: _transform_cost(costs, rows, self.size(side), keep, method))
 
     # -- scattered positions as sparse matrices (built once per device) -----------------------------
 
@@ -351,8 +352,8 @@ def _coefficient_grad(plan, grad_2d, x_2d, grad_method, weight_method, dtype):
     # sum over token chunks of DCT_m(g)^T DCT_n(x) at the K positions
     tokens = grad_2d.shape[0]
     chunk = sampled_chunk(plan, tokens)
-    method_out = plan.activation_method("out", plan.block[0] if plan.block else plan.m, grad_2d.device)
-    method_in = plan.activation_method("in", plan.block[1] if plan.block else plan.n, x_2d.device)
+    method_out = plan.activation_method("out", plan.block[0] if plan.block else plan.m, grad_2d.device, chunk)
+    method_in = plan.activation_method("in", plan.block[1] if plan.block else plan.n, x_2d.device, chunk)
     total = None
     for start in range(0, tokens, chunk):
         g, x = grad_2d[start : start + chunk].to(dtype), x_2d[start : start + chunk].to(dtype)
@@ -451,31 +452,50 @@ def _activation_update(path: str, x: torch.Tensor, values: torch.Tensor, plan: S
 
 @dataclass(frozen=True)
 class DeviceCosts:
-    """Relative costs on one device type, in units of one matmul flop.
+    """Relative costs on one device type, in units of one float32 matmul flop.
 
-    ``elementwise``: one read-modify-write pass, per element. ``fft``: per element and log2(length) of
-    a real FFT. ``sparse``: per flop of a sparse-dense or sampled dense-dense product.
+    ``elementwise``: one pass over memory, per element. ``fft``: per element and log2(length) of a real
+    FFT. ``dct_passes``: the passes around the FFT in one DCT. ``sparse``: per flop of a sparse-dense or
+    sampled dense-dense product. ``half_matmul``: one bf16/fp16 matmul flop. ``launch``: the fixed cost of
+    one operation (Python, dispatch and kernel launch), which decides small problems on a GPU.
+    ``auto_paths``: the paths ``auto`` chooses among on this device.
     """
 
     elementwise: float
     fft: float
     sparse: float
-    dct_passes: float = 11.0
+    dct_passes: float
+    half_matmul: float
+    launch: float
+    auto_paths: tuple = ("dense", "sampled", "factored", "spectral")
 
 
-# Measured with benchmarks/calibrate.py (see benchmarks/README.md for the machines).
+# Measured with benchmarks/calibrate.py and fitted to the forced-path timings of benchmarks/run.py
+# --all-paths (benchmarks/README.md): a 2-core AMD EPYC (one thread) and an H100 (bf16 matmuls).
 DEVICE_COSTS = {
-    "cpu": DeviceCosts(elementwise=25.0, fft=8.0, sparse=6.0, dct_passes=11.0),
-    "cuda": DeviceCosts(elementwise=400.0, fft=100.0, sparse=200.0, dct_passes=11.0),
+    "cpu": DeviceCosts(elementwise=25.0, fft=8.0, sparse=6.0, dct_passes=11.0, half_matmul=1.0, launch=5e5),
+    "cuda": DeviceCosts(
+        elementwise=75.0, fft=7.5, sparse=128.0, dct_passes=2.5, half_matmul=0.07, launch=8e8,
+        # measured on an H100 in bf16: the sampled and activation-domain paths never won by more than noise
+        # (their float32 FFTs and sparse products cost more than bf16 matmuls there)
+        auto_paths=("dense", "factored"),
+    ),
 }
 
+# operations (kernels) per piece, for the launch term
+_OPS_FFT_TRANSFORM = 6
+_OPS_FUNCTION = 4  # an autograd Function's own bookkeeping, in operation equivalents
 
-def _transform_cost(costs: DeviceCosts, rows: int, size: int, keep: int, method: str) -> float:
+
+def _transform_cost(costs: DeviceCosts, rows: int, size: int, keep: int, method: str, matmul: float = 1.0) -> float:
+    """One DCT (or inverse) of ``rows`` rows of length ``size``, ``keep`` coefficients kept; ``matmul`` is
+    the cost of a matmul flop in the dtype the transform runs in."""
     if method == "matmul":
-        return 2.0 * rows * size * keep
-    # the FFT, and around it a gather, a complex twiddle product and a gather on the way out (measured
-    # together at about DCT_PASSES elementwise passes)
-    return rows * size * (costs.fft * math.log2(max(size, 2)) + costs.dct_passes * costs.elementwise)
+        return 2.0 * rows * size * keep * matmul + costs.launch
+    # the FFT, and around it a gather, a complex twiddle product and a gather on the way out
+    return rows * size * (costs.fft * math.log2(max(size, 2)) + costs.dct_passes * costs.elementwise) + (
+        _OPS_FFT_TRANSFORM * costs.launch
+    )
 
 
 def _best_transform(plan: SpectralPlan, costs: DeviceCosts, rows: int, side: str, keep: int) -> float:
@@ -487,16 +507,17 @@ def _best_transform(plan: SpectralPlan, costs: DeviceCosts, rows: int, side: str
 
 
 def _weight_cost(plan: SpectralPlan, costs: DeviceCosts, method: str) -> float:
-    """Rebuilding the m x n weight (its adjoint costs the same)."""
+    """Rebuilding the m x n weight in float32 (its adjoint costs the same)."""
     m, n = plan.m, plan.n
     if plan.block is not None:
         p, q = plan.block
         if method == "matmul":
-            return 2.0 * min(m * p * q + m * q * n, p * q * n + p * n * m)
+            return 2.0 * min(m * p * q + m * q * n, p * q * n + p * n * m) + 2 * costs.launch
         return _transform_cost(costs, p, n, n, "fft") + _transform_cost(costs, n, m, m, "fft")
+    scatter = costs.elementwise * m * n + 2 * costs.launch
     if method == "matmul":
-        return 2.0 * (m * m * n + m * n * n) + costs.elementwise * m * n
-    return costs.elementwise * m * n + _transform_cost(costs, m, n, n, "fft") + _transform_cost(costs, n, m, m, "fft")
+        return 2.0 * (m * m * n + m * n * n) + scatter + 2 * costs.launch
+    return scatter + _transform_cost(costs, m, n, n, "fft") + _transform_cost(costs, n, m, m, "fft")
 
 
 def estimate_costs(
@@ -507,29 +528,42 @@ def estimate_costs(
     *,
     coefficient_grad: bool = True,
     input_grad: bool = True,
+    half: bool = False,
 ) -> dict[str, float]:
-    """Relative cost (matmul-flop units) of each available path for one forward (+ backward) pass."""
+    """Relative cost (float32 matmul-flop units) of each available path for one forward (+ backward).
+
+    ``half``: the activations are bf16/fp16, so their matmuls cost ``half_matmul`` per flop (the
+    transforms stay float32).
+    """
     costs = DEVICE_COSTS.get(device_type, DEVICE_COSTS["cpu"])
+    h = costs.half_matmul if half else 1.0
+    launch = costs.launch
     t, m, n, k = tokens, plan.m, plan.n, plan.k
     backward = coefficient_grad or input_grad
-    dense_mm = 2.0 * t * m * n
+    dense_mm = 2.0 * t * m * n * h + launch
     weight = min(_weight_cost(plan, costs, "matmul"), _weight_cost(plan, costs, "fft") if plan.basis == "dct" else math.inf)
     base = 0.0
-    if mode == "delta":  # what the activation-domain paths pay for W0 x (and its input gradient)
-        base = dense_mm * (1 + input_grad) + costs.elementwise * t * m
+    if mode == "delta":  # what the activation-domain paths pay for W0 x (and its input gradient), and the sum
+        base = dense_mm * (1 + input_grad) + costs.elementwise * t * m + launch
 
     out = {}
-    merged = weight + costs.elementwise * m * n * (2 if mode == "delta" else 1) + dense_mm * (1 + input_grad)
-    out["dense"] = merged + (dense_mm + weight if coefficient_grad else 0.0)
+    merged = (
+        weight + (costs.elementwise * m * n + launch) * (3 if mode == "delta" else 2) + dense_mm * (1 + input_grad)
+        + _OPS_FUNCTION * launch
+    )
+    out["dense"] = merged + (dense_mm + weight + costs.elementwise * m * n if coefficient_grad else 0.0)
     if plan.block is not None:
         p, q = plan.block
-        sampled_grad = _best_transform(plan, costs, t, "out", p) + _best_transform(plan, costs, t, "in", q) + 2.0 * t * p * q
+        sampled_grad = (
+            _best_transform(plan, costs, t, "out", p) + _best_transform(plan, costs, t, "in", q) + 2.0 * t * p * q + launch
+        )
     else:
         sampled_grad = (
             _best_transform(plan, costs, t, "out", m)
             + _best_transform(plan, costs, t, "in", n)
             + costs.sparse * 2.0 * t * k
             + costs.elementwise * t * (m + n)
+            + 4 * launch
         )
     out["sampled"] = merged + (sampled_grad if coefficient_grad else 0.0)
     if mode == "delta":
@@ -539,21 +573,23 @@ def estimate_costs(
         for path, method in (("factored", "matmul"), ("spectral", "fft")):
             if method == "fft" and plan.basis != "dct":
                 continue
-            t_in = _transform_cost(costs, t, n, q, method)
-            t_out = _transform_cost(costs, t, m, p, method)
-            cost = base + t_in + 2.0 * t * p * q + t_out
+            mm = h if method == "matmul" else 1.0  # factored runs in the activations' dtype, spectral in float32
+            t_in = _transform_cost(costs, t, n, q, method, mm)
+            t_out = _transform_cost(costs, t, m, p, method, mm)
+            small = 2.0 * t * p * q * mm + launch
+            cost = base + t_in + small + t_out + 2 * _OPS_FUNCTION * launch
             if backward:
                 cost += t_out  # the output gradient into coefficient space
             if coefficient_grad:
-                cost += 2.0 * t * p * q
+                cost += small
             if input_grad:
-                cost += 2.0 * t * p * q + t_in
+                cost += small + t_in
             out[path] = cost
     elif plan.basis == "dct":
         t_in = _transform_cost(costs, t, n, n, "fft")
         t_out = _transform_cost(costs, t, m, m, "fft")
-        sparse = costs.sparse * 2.0 * t * k + costs.elementwise * t * n
-        cost = base + t_in + sparse + t_out
+        sparse = costs.sparse * 2.0 * t * k + costs.elementwise * t * n + 2 * launch
+        cost = base + t_in + sparse + t_out + 3 * _OPS_FUNCTION * launch
         if backward:
             cost += t_out + costs.elementwise * t * m
         if coefficient_grad:
@@ -565,12 +601,21 @@ def estimate_costs(
 
 
 def choose_path(
-    plan: SpectralPlan, mode: str, tokens: int, device_type: str, *, coefficient_grad: bool, input_grad: bool
+    plan: SpectralPlan,
+    mode: str,
+    tokens: int,
+    device_type: str,
+    *,
+    coefficient_grad: bool,
+    input_grad: bool,
+    half: bool = False,
 ) -> str:
     """The cheapest path by :func:`estimate_costs` (``separate`` is never chosen: ``dense`` beats it)."""
-    costs = estimate_costs(plan, mode, tokens, device_type, coefficient_grad=coefficient_grad, input_grad=input_grad)
-    costs.pop("separate", None)
-    return min(costs, key=costs.get)
+    costs = estimate_costs(
+        plan, mode, tokens, device_type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half
+    )
+    allowed = DEVICE_COSTS.get(device_type, DEVICE_COSTS["cpu"]).auto_paths
+    return min((path for path in costs if path in allowed), key=costs.get)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,6 +45,36 @@ def _transform_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _WeightCache:
+    """The rebuilt weight of a layer's active adapters, with what it was built from.
+
+    Valid while the active adapters, the dtype and device, inference mode, and every tensor it was built
+    from are unchanged: a tensor changed in place bumps its ``_version``, a tensor replaced (``p.data = ...``)
+    has another ``data_ptr``. Edits through ``p.data`` in place are invisible to both: call
+    ``drop_weight_cache()`` after those.
+    """
+
+    __slots__ = ("active", "dtype", "device", "inference", "states", "weight", "base")
+
+    def __init__(self, layer, dtype, device, watched, weight):
+        active = layer._active_adapter
+        self.active = list(active) if isinstance(active, list) else active
+        self.dtype, self.device, self.weight = dtype, device, weight
+        self.inference = torch.is_inference_mode_enabled()
+        self.states = [(t, t._version, t.data_ptr()) for t in watched]
+        self.base = layer.get_base_layer()
+
+    def valid(self, layer, dtype, device) -> bool:
+        if layer._active_adapter != self.active or dtype != self.dtype or device != self.device:
+            return False
+        if torch.is_inference_mode_enabled() != self.inference:
+            return False
+        return all(t._version == version and t.data_ptr() == ptr for t, version, ptr in self.states)
+
+    def needs_grad(self) -> bool:
+        return any(t.requires_grad for t, _, _ in self.states)
+
+
 class SpectralLayer(BaseTunerLayer):
     adapter_layer_names = ("spectral_coefficients",)
     other_param_names = ("spectral_indices", "spectral_fixed_indices", "spectral_settings")
@@ -65,7 +95,7 @@ class SpectralLayer(BaseTunerLayer):
         # Evaluation reuses the rebuilt weight while the coefficients, the base weight and the active
         # adapters are unchanged: one extra dense weight per layer, dropped when training resumes.
         self.cache_weights = True
-        self._weight_cache: Optional[tuple] = None
+        self._weight_cache: Optional[_WeightCache] = None
         self._plans: dict[str, tuple] = {}
         self._path_memo: dict[tuple, str] = {}
         self.kwargs = kwargs
@@ -231,27 +261,36 @@ class SpectralLayer(BaseTunerLayer):
         """Forget the cached rebuilt weight (it is rebuilt on the next forward that can use it)."""
         self._weight_cache = None
 
-    def _cache_key(self, active: list[str], dtype: torch.dtype, device: torch.device) -> tuple:
-        # a tensor changed in place bumps its _version; a tensor replaced has another data_ptr
-        def state(t: Optional[torch.Tensor]):
-            return None if t is None else (id(t), t._version, t.data_ptr())
-
-        base = self.get_base_layer().weight
-        adapters = tuple(
-            (a, state(self.spectral_coefficients[a]), self.spectral_settings[a], state(self._indices(a)) if
-             self.spectral_settings[a].block is None else None)
-            for a in active
-        )
-        return (adapters, state(base), dtype, device, torch.is_inference_mode_enabled())
-
     def _cached_weight(self, active: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = self._cache_key(active, dtype, device)
-        if self._weight_cache is None or self._weight_cache[0] != key:
+        cache = self._weight_cache
+        if cache is None or not cache.valid(self, dtype, device):
             self._weight_cache = None  # free the old one before building the new one
             with torch.no_grad():
                 weight = self._merged_weight(active).to(dtype).contiguous()
-            self._weight_cache = (key, weight)
-        return self._weight_cache[1]
+            watched = [self.spectral_coefficients[a] for a in active]
+            watched += [self._indices(a) for a in active if self.spectral_settings[a].block is None]
+            if self.get_base_layer().weight is not None:
+                watched.append(self.get_base_layer().weight)
+            self._weight_cache = _WeightCache(self, dtype, device, watched, weight)
+        return self._weight_cache.weight
+
+    def _forward_cached(self, x: torch.Tensor, cache: "_WeightCache") -> Optional[torch.Tensor]:
+        """The lean path of evaluation: one F.linear with the cached weight, or None if the cache is stale."""
+        if self._disable_adapters or self.merged_adapters or not self.cache_weights:
+            return None
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        if not cache.valid(self, dtype, x.device) or (torch.is_grad_enabled() and cache.needs_grad()):
+            return None
+        bias = cache.base.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        object.__setattr__(self, "last_compute_path", "cached")  # plain attribute, skip nn.Module's bookkeeping
+        if autocast:
+            with torch.autocast(device_type=device_type, enabled=False):
+                return F.linear(x.to(dtype), cache.weight, bias)
+        return F.linear(x, cache.weight, bias)
 
     def _merged_weight(self, active: list[str]) -> torch.Tensor:
         """out x in: the replace-mode weight or the base weight, plus every active delta (scaled)."""
@@ -353,12 +392,13 @@ class SpectralLinear(nn.Module, SpectralLayer):
         if self.compute_path != "auto":
             return self.compute_path
         input_grad = torch.is_grad_enabled() and x.requires_grad
-        key = (adapter, tokens, x.device.type, coefficient_grad, input_grad)
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        key = (adapter, tokens, x.device.type, coefficient_grad, input_grad, half)
         path = self._path_memo.get(key)
         if path is None:
             mode = self.spectral_settings[adapter].mode
             path = compute_paths.choose_path(
-                plan, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad
+                plan, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half
             )
             if len(self._path_memo) > 64:
                 self._path_memo.clear()
@@ -366,6 +406,11 @@ class SpectralLinear(nn.Module, SpectralLayer):
         return path
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        cache = self._weight_cache
+        if cache is not None:
+            out = self._forward_cached(x, cache)
+            if out is not None:
+                return out
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -394,12 +439,12 @@ class SpectralLinear(nn.Module, SpectralLayer):
             x = x.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
             if self.cache_weights and not (coefficient_grad or base_grad):
-                self.last_compute_path = "cached"
+                object.__setattr__(self, "last_compute_path", "cached")
                 return F.linear(x, self._cached_weight(active, dtype, x.device), bias)
             self.drop_weight_cache()
             if len(active) > 1:
                 # several adapters at once: one merged weight, gradients through the differentiable rebuild
-                self.last_compute_path = "dense"
+                object.__setattr__(self, "last_compute_path", "dense")
                 return F.linear(x, self._merged_weight(active).to(dtype), bias)
             adapter = active[0]
             settings = self.spectral_settings[adapter]
@@ -408,7 +453,7 @@ class SpectralLinear(nn.Module, SpectralLayer):
             plan = self._plan(adapter)
             tokens = x.numel() // max(x.shape[-1], 1)
             path = self._choose_path(adapter, plan, tokens, x, coefficient_grad)
-            self.last_compute_path = path
+            object.__setattr__(self, "last_compute_path", path)
             return compute_paths.run_path(
                 path,
                 x,

@@ -11,6 +11,11 @@ pass:
 - ``idct_lastdim``: one kernel: zero padding, the (y_k, y_{n-k}) pairing and the twiddle, reading
   any strided 2-D input -> irfft (cuFFT) -> gather (torch).
 
+Measured on an H100 (``benchmarks/transforms.py``, T = 4096 rows, float32): the fused DCT is 1.2-1.3x
+faster than PyTorch's passes at n = 2048-4096 and 1.5-1.7x with the transposed output the sampled
+gradient needs (par at n = 768); the fused inverse measured 0.6-0.7x, slower, so ``dct`` uses only the
+forward kernel and ``idct_lastdim`` stays here for reference.
+
 Results equal the PyTorch implementation to float32 rounding (checked in ``tests/test_compute_paths.py``
 on a GPU). Nothing here is needed on a CPU; without Triton every caller falls back to PyTorch.
 """
