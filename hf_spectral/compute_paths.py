@@ -186,37 +186,40 @@ class SpectralPlan:
 
     # -- scattered positions as sparse matrices (built once per device) -----------------------------
 
-    def sparse_pattern(self, device: torch.device):
-        """(crow, col, order) of S as an m x n CSR matrix and (crow, col, order) of S^T as n x m.
+    def sparse_pattern(self, device: torch.device, transposed: bool = False):
+        """(crow, col, order) of S as an m x n CSR matrix (or of S^T as n x m), built once per device.
 
-        ``order`` maps CSR positions to coefficient positions: csr_values = values[order].
+        ``order`` maps CSR positions to coefficient positions (csr_values = values[order]); it is None when
+        the flat indices are already sorted, as every layout makes them. Built only by the paths that use
+        them (sampled and spectral, scattered layouts): about 8 bytes per coefficient each.
         """
-        key = (device.type, device.index)
+        key = (device.type, device.index, transposed)
         if key not in self._sparse:
             flat = self.indices.to("cpu", torch.int64)
-            patterns = []
-            for rows, cols, size in ((flat // self.n, flat % self.n, self.m), (flat % self.n, flat // self.n, self.n)):
-                order = torch.argsort(rows * max(self.m, self.n) + cols)
-                crow = torch.zeros(size + 1, dtype=torch.int64)
-                crow[1:] = torch.bincount(rows, minlength=size).cumsum(0)
-                patterns.append((crow.to(device), cols[order].contiguous().to(device), order.to(device)))
-            self._sparse[key] = tuple(patterns)
+            rows, cols, size = (flat % self.n, flat // self.n, self.n) if transposed else (flat // self.n, flat % self.n, self.m)
+            order = torch.argsort(rows * max(self.m, self.n) + cols)
+            if bool((order == torch.arange(order.numel())).all()):
+                order = None
+            crow = torch.zeros(size + 1, dtype=torch.int64)
+            crow[1:] = torch.bincount(rows, minlength=size).cumsum(0)
+            col = cols if order is None else cols[order]
+            self._sparse[key] = (crow.to(device), col.contiguous().to(device), None if order is None else order.to(device))
         return self._sparse[key]
 
     def sparse_matrix(self, values: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        crow, col, order = self.sparse_pattern(values.device)[1 if transposed else 0]
+        crow, col, order = self.sparse_pattern(values.device, transposed)
         shape = (self.n, self.m) if transposed else (self.m, self.n)
-        return _csr(crow, col, values[order], shape)
+        return _csr(crow, col, values if order is None else values[order], shape)
 
     def sampled_product(self, a_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The K entries ``(a_t @ b)[row_k, col_k]`` of an (m x T) @ (T x n) product, without forming it.
 
         Fastest with ``a_t`` row-major and ``b`` column-major (the transpose of a contiguous n x T).
         """
-        crow, col, order = self.sparse_pattern(a_t.device)[0]
+        crow, col, order = self.sparse_pattern(a_t.device)
         pattern = _csr(crow, col, a_t.new_zeros(col.numel()), (self.m, self.n))
         sampled = torch.sparse.sampled_addmm(pattern, a_t, b, beta=0.0).values()
-        return torch.empty_like(sampled).index_put_((order,), sampled)
+        return sampled if order is None else torch.empty_like(sampled).index_put_((order,), sampled)
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:

@@ -403,3 +403,36 @@ def test_fused_transform_kernels_in_the_triton_interpreter(monkeypatch):
             torch.testing.assert_close(triton_kernels.dct_lastdim(x, keep), _dct_fft_lastdim(x, keep))
             c = torch.randn(keep, 5).T
             torch.testing.assert_close(triton_kernels.idct_lastdim(c, n), _idct_fft_lastdim(c, n))
+
+
+@cuda
+@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("replace", "random"), ("replace", "lowfreq")])
+def test_no_path_synchronises_with_the_host_on_cuda(mode, layout):
+    layer = _layer(mode, layout, dtype=torch.float32).to("cuda")
+    x = torch.randn(64, N, device="cuda", requires_grad=True)
+    failures = []
+    for path in compute_paths.available_paths(layer._plan("default"), mode):
+        layer.compute_path = path
+        layer(x).sum().backward()  # warm the bases, index patterns and plans
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x).sum().backward()
+            with torch.no_grad():
+                layer(x)  # the cached evaluation path
+        except RuntimeError as error:
+            failures.append(f"{path}: {error}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not failures, failures
+
+
+def test_sparse_products_follow_unsorted_indices():
+    indices = torch.randperm(M * N)[:50]  # e.g. read from a file written by other code: not sorted
+    plan = compute_paths.SpectralPlan(M, N, "dct", 0, None, indices)
+    values = torch.randn(50, dtype=torch.float64)
+    dense = torch.zeros(M * N, dtype=torch.float64).index_put((indices,), values).view(M, N)
+    torch.testing.assert_close(plan.sparse_matrix(values).to_dense(), dense)
+    torch.testing.assert_close(plan.sparse_matrix(values, transposed=True).to_dense(), dense.T)
+    a_t, b = torch.randn(M, 7, dtype=torch.float64), torch.randn(7, N, dtype=torch.float64)
+    torch.testing.assert_close(plan.sampled_product(a_t, b), (a_t @ b).reshape(-1)[indices])
