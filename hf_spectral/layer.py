@@ -50,8 +50,9 @@ class _WeightCache:
 
     Valid while the active adapters, the dtype and device, inference mode, and every tensor it was built
     from are unchanged: a tensor changed in place bumps its ``_version``, a tensor replaced (``p.data = ...``)
-    has another ``data_ptr``. Edits through ``p.data`` in place are invisible to both: call
-    ``drop_weight_cache()`` after those.
+    has another ``data_ptr``. A state-dict load drops it (see ``_load_from_state_dict``). Edits through
+    ``p.data`` in place, and under FSDP2 writes into the shards other than a state-dict load, are invisible
+    to both: call ``drop_weight_cache()`` after those.
     """
 
     __slots__ = ("active", "dtype", "device", "inference", "states", "weight", "base")
@@ -336,6 +337,17 @@ class SpectralLinear(nn.Module, SpectralLayer):
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_key, from_pretrained)
+
+    # ----------------------------------------------------------------------------------------------
+    # loading (here, not in SpectralLayer: nn.Module comes first in this class's MRO)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # Every state-dict load reaches each module through here (load_state_dict, PEFT's
+        # set_peft_model_state_dict, torch.distributed.checkpoint's set_model_state_dict). Under FSDP2 a
+        # load writes the shards and the next forward gathers them into the same memory without a version
+        # bump, which the cache cannot see; so a load always drops it.
+        self.drop_weight_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # merging

@@ -35,7 +35,6 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from hf_spectral import SpectralConfig  # noqa: E402
-from hf_spectral.compute_paths import set_weight_cache  # noqa: E402
 
 CONFIGS = {
     "delta": dict(mode="delta", layout="random", n_coefficients=75, init_weights=False,
@@ -46,13 +45,9 @@ CONFIGS = {
 
 
 def build(mode: str, seed: int):
-    model = get_peft_model(tiny_gpt2(seed=seed), SpectralConfig(**CONFIGS[mode]))
-    # The evaluation-time weight cache trusts a parameter's version counter and data pointer, but FSDP2
-    # writes the gathered parameters without bumping the version and may reuse the same memory: a
-    # no-grad forward after a load (or any in-place change of the shards) can get the old weight.
-    # Seen here in 3 of 8 loads; off under FSDP until the layer can tell (see docs/distributed.md).
-    set_weight_cache(model, False)
-    return model
+    # The evaluation-time weight cache stays on: the no-grad forwards below build it, and the checkpoint load
+    # must drop it (FSDP2 gathers the loaded shards into the same memory without a version bump).
+    return get_peft_model(tiny_gpt2(seed=seed), SpectralConfig(**CONFIGS[mode]))
 
 
 def shard(model) -> None:
@@ -141,11 +136,13 @@ def run_mode(mode: str, out: str, rank: int, world: int) -> dict:
     restored = build(mode, seed=1)  # other initial values, so a load that does nothing shows
     shard(restored)
     mismatch_before_load = (logits(restored, ids) - logits(model, ids)).abs().max().item()
+    cached_before = [m for m in restored.modules() if getattr(m, "_weight_cache", None) is not None]
     state = sharded_state(restored)
     dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
     set_model_state_dict(restored, state, options=StateDictOptions(strict=False))  # the alias follows its tie
     restored.eval()
     loaded_diff = (logits(restored, ids) - logits(model, ids)).abs().max().item()
+    cached_after = [m for m in restored.modules() if getattr(m, "last_compute_path", None) == "cached"]
 
     return {
         "sharding": sharding,
@@ -157,6 +154,8 @@ def run_mode(mode: str, out: str, rank: int, world: int) -> dict:
         "checkpoint_files": sorted(os.listdir(folder)),
         "logits_diff_before_load": mismatch_before_load,
         "logits_diff_after_load": loaded_diff,
+        "layers_with_a_cached_weight_before_load": len(cached_before),
+        "layers_evaluated_from_the_cache_after_load": len(cached_after),
     }
 
 

@@ -54,6 +54,9 @@ def test_a_sharded_safetensors_checkpoint_loads_back_to_the_same_logits(ranks, m
     for result in (r["modes"][mode] for r in results):
         assert result["logits_diff_before_load"] > 1e-2  # the model it was loaded into was different
         assert result["logits_diff_after_load"] == 0.0
+        # the evaluation-time weight cache was in use on both sides of the load, and the load dropped it
+        assert result["layers_with_a_cached_weight_before_load"] > 0
+        assert result["layers_evaluated_from_the_cache_after_load"] > 0
     files = results[0]["modes"][mode]["checkpoint_files"]
     assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)  # one per rank, no pickle
     sizes = {}
