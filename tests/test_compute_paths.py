@@ -87,7 +87,7 @@ def test_every_path_gives_the_reference_outputs_and_gradients(mode, layout, basi
             assert layer.last_compute_path == path
             where = f"{path} ({transform})"
             torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, msg=where)
-            for got, want, name in zip(grads, expected_grads, ("x", "coefficients", "bias")):
+            for got, want, name in zip(grads, expected_grads, ("x", "coefficients", "bias")[: len(grads)], strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{where}: gradient of {name}")
 
 
@@ -224,6 +224,28 @@ def test_evaluation_uses_the_cached_weight_and_follows_every_change():
     assert layer.last_compute_path != "cached" and layer._weight_cache is None
 
 
+def test_a_state_dict_load_drops_the_cache_even_when_the_write_hides_its_version_bump():
+    """Under FSDP2 a load writes the shards, and the next forward gathers them into the same memory with the
+    version counter preserved: the cache cannot see that. Every load goes through load_state_dict
+    (set_model_state_dict does), and that drops the cache."""
+    layer = _layer("delta", "random")
+    x = torch.randn(*TOKENS, N, dtype=torch.float64)
+    coefficients = layer.spectral_coefficients["default"]
+    state = layer.state_dict()
+    state = {**state, "spectral_coefficients.default": state["spectral_coefficients.default"] * 3.0}
+
+    _eval(layer, x)
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(coefficients):
+        coefficients.mul_(2.0)  # a hidden write, as FSDP2's all-gather copy-out makes
+    assert not torch.allclose(_eval(layer, x), _reference(layer, x).detach())  # why loads must drop the cache
+
+    watched = (coefficients, layer.get_base_layer().weight, layer.get_base_layer().bias)
+    with torch.autograd._unsafe_preserve_version_counter(watched):
+        layer.load_state_dict(state)  # a load whose writes hide their version bumps
+    torch.testing.assert_close(coefficients.detach(), state["spectral_coefficients.default"])
+    torch.testing.assert_close(_eval(layer, x), _reference(layer, x).detach())
+
+
 def test_cache_is_dropped_on_adapter_switch_merge_and_delete():
     layer = _layer("delta", "lowfreq")
     other = SpectralConfig(n_coefficients=40, layout="random", init_weights=False, scaling=2.0, seed=3)
@@ -326,11 +348,11 @@ def test_the_sampled_gradient_summed_over_token_chunks_is_the_same(monkeypatch):
         layer.compute_path = "sampled"
         x = torch.randn(*TOKENS, N, dtype=torch.float64)
         upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
-        expected = _outputs_and_grads(lambda t: _reference(layer, t), layer, x, upstream)
+        expected = _outputs_and_grads(lambda t, layer=layer: _reference(layer, t), layer, x, upstream)
         for transform in ("matmul", "fft"):
             with compute_paths.forced_transform(transform):
                 got = _outputs_and_grads(layer, layer, x, upstream)
-            for a, b in zip(got[1], expected[1]):
+            for a, b in zip(got[1], expected[1], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -359,7 +381,7 @@ def test_every_path_on_cuda_gives_the_reference(mode, layout, dtype):
             where = f"{path} ({transform}, {dtype})"
             scale = expected.abs().max()
             torch.testing.assert_close(out.double().cpu() / scale, expected / scale, rtol=tol, atol=tol, msg=where)
-            for got, want in zip(grads, expected_grads):
+            for got, want in zip(grads, expected_grads, strict=True):
                 s = want.abs().max()
                 torch.testing.assert_close(got.double().cpu() / s, want / s, rtol=tol, atol=tol, msg=where)
 
