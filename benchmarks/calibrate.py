@@ -70,7 +70,7 @@ def calibrate(device: torch.device, tokens: int = 4096, size: int = 2048) -> dic
     for method in ("matmul", "fft"):
         checks.append({
             "op": f"rebuild block mn/2 ({method})",
-            "measured_ms": _time(lambda: block_plan.rebuild(values, method), device) * 1e3,
+            "measured_ms": _time(lambda method=method: block_plan.rebuild(values, method), device) * 1e3,
             "model_ms": compute_paths._weight_cost(block_plan, costs, method) * per_flop * 1e3,
         })
     return {"device": str(device), "matmul_dtype": str(gemm_dtype), "matmul_tflops": 1e-12 / per_flop,

@@ -181,7 +181,7 @@ def layer_rows(results: list[dict]) -> list[dict]:
     groups = {}
     for r in results:
         groups.setdefault((r["m"], r["n"], r["tokens"]), []).append(r)
-    for (m, n, tokens), rows in groups.items():
+    for (m, n, _tokens), rows in groups.items():
         by_name = {r["name"]: r for r in rows}
         linear = by_name.get("nn.Linear")
         eval_linear = by_name.get("eval nn.Linear")
@@ -190,6 +190,7 @@ def layer_rows(results: list[dict]) -> list[dict]:
             r = dict(r)
             base = eval_linear if not r["train"] else linear
             r["x_linear"] = r["median_ms"] / base["median_ms"] if base else None
+            r["x_linear_min"] = r["min_ms"] / base["min_ms"] if base else None  # the least disturbed runs
             r["x_lora8"] = r["median_ms"] / lora8["median_ms"] if lora8 and r["train"] else None
             if r["kind"] == "delta":
                 k = int(r["budget"])
@@ -197,6 +198,8 @@ def layer_rows(results: list[dict]) -> list[dict]:
                 fourier = by_name.get(f"FourierFT K={k}")
                 r["x_lora_matched"] = r["median_ms"] / matched["median_ms"] if matched else None
                 r["x_fourierft"] = r["median_ms"] / fourier["median_ms"] if fourier else None
+                r["x_lora_matched_min"] = r["min_ms"] / matched["min_ms"] if matched else None
+                r["x_fourierft_min"] = r["min_ms"] / fourier["min_ms"] if fourier else None
                 if matched and r.get("peak_mib") is not None and matched.get("peak_mib") is not None:
                     itemsize = torch.finfo(getattr(torch, r["dtype"])).bits // 8
                     r["extra_peak_mn"] = (r["peak_mib"] - matched["peak_mib"]) * 2**20 / (m * n * itemsize)

@@ -111,6 +111,7 @@ def model_rows(results: list[dict]) -> list[dict]:
         r = dict(r)
         if r["name"].startswith("char"):
             r["x_reference"] = r["median_ms"] / dense["median_ms"] if dense else None
+            r["x_reference_min"] = r["min_ms"] / dense["min_ms"] if dense else None
             r["reference"] = "dense"
         else:
             r["x_lora8"] = r["median_ms"] / lora8["median_ms"] if lora8 else None

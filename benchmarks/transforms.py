@@ -37,6 +37,19 @@ def _bench(fn, repeats=50):
     return times[len(times) // 2]
 
 
+def _ops(tokens, n, k, x, w, plan, values, block_plan, block_values) -> dict:
+    return {
+        f"DCT {tokens} x {n}": lambda: _dct_fft_lastdim(x),
+        f"DCT {tokens} x {n}, transposed out": lambda: _dct_fft_lastdim(x, transpose=True),
+        f"IDCT {tokens} x {n}": lambda: _idct_fft_lastdim(x),
+        f"rebuild {n} x {n}, K={k} scattered (fft)": lambda: plan.rebuild(values, "fft"),
+        f"adjoint {n} x {n}, K={k} scattered (fft)": lambda: plan.adjoint(w, "fft"),
+        f"rebuild {n} x {n}, block mn/2 (fft)": lambda: block_plan.rebuild(block_values, "fft"),
+        f"rebuild {n} x {n}, block mn/2 (matmul fp32)": lambda: block_plan.rebuild(block_values, "matmul"),
+        f"matmul {tokens} x {n} x {n} bf16": (lambda a=x.bfloat16(), b=w.bfloat16(): a @ b),  # noqa: B008
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -52,16 +65,7 @@ def main(argv=None):
         block = lowfreq_block(n, n, n * n // 2)
         block_plan = compute_paths.SpectralPlan(n, n, "dct", 0, block, None)
         values, block_values = torch.randn(k, device=device), torch.randn(block[0] * block[1], device=device)
-        ops = {
-            f"DCT {args.tokens} x {n}": lambda: _dct_fft_lastdim(x),
-            f"DCT {args.tokens} x {n}, transposed out": lambda: _dct_fft_lastdim(x, transpose=True),
-            f"IDCT {args.tokens} x {n}": lambda: _idct_fft_lastdim(x),
-            f"rebuild {n} x {n}, K={k} scattered (fft)": lambda: plan.rebuild(values, "fft"),
-            f"adjoint {n} x {n}, K={k} scattered (fft)": lambda: plan.adjoint(w, "fft"),
-            f"rebuild {n} x {n}, block mn/2 (fft)": lambda: block_plan.rebuild(block_values, "fft"),
-            f"rebuild {n} x {n}, block mn/2 (matmul fp32)": lambda: block_plan.rebuild(block_values, "matmul"),
-            f"matmul {args.tokens} x {n} x {n} bf16": (lambda a=x.bfloat16(), b=w.bfloat16(): a @ b),
-        }
+        ops = _ops(args.tokens, n, k, x, w, plan, values, block_plan, block_values)
         for name, fn in ops.items():
             timings = {}
             for enabled in (True, False, True, False):

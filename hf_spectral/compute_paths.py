@@ -476,7 +476,7 @@ class DeviceCosts:
 # Measured with benchmarks/calibrate.py and fitted to the forced-path timings of benchmarks/run.py
 # --all-paths (benchmarks/README.md): a 2-core AMD EPYC (one thread) and an H100 (bf16 matmuls).
 DEVICE_COSTS = {
-    "cpu": DeviceCosts(elementwise=25.0, fft=8.0, sparse=6.0, dct_passes=11.0, half_matmul=1.0, launch=5e5),
+    "cpu": DeviceCosts(elementwise=25.0, fft=8.0, sparse=15.0, dct_passes=11.0, half_matmul=1.0, launch=5e5),
     "cuda": DeviceCosts(
         elementwise=75.0, fft=7.5, sparse=128.0, dct_passes=2.5, half_matmul=0.07, launch=8e8,
         # measured on an H100 in bf16: the sampled and activation-domain paths never won by more than noise
