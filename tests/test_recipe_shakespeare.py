@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_spectral.checkpoints import MANIFEST_NAME
 from recipes.shakespeare_char import compare, prepare, sweep, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,9 @@ def test_spectral_run_saves_a_restorable_adapter_and_resumes(data_dir, tmp_path)
     assert first is None
     partial = json.loads((tmp_path / "b" / "smoke" / "lowfreq_mn2_adamw" / "seed0" / "run.json").read_text())
     assert not partial["finished"] and partial["steps"] == 1 and partial["curves"]["val"][-1][0] == partial["tokens"]
+    # the checkpoint it resumes from was marked complete (a kill during a save leaves one that is not)
+    checkpoints = list((tmp_path / "b" / "smoke" / "lowfreq_mn2_adamw" / "seed0").glob("checkpoint-*"))
+    assert checkpoints and all((c / MANIFEST_NAME).is_file() for c in checkpoints)
     resumed = run(
         data_dir, tmp_path / "b", "lowfreq_mn2_adamw", "eval_windows=4", "save_strategy=steps", "save_steps=2"
     )

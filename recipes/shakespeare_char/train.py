@@ -48,6 +48,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_spectral
 from hf_spectral import SpectralConfig, SpectralLayer
+from hf_spectral.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint
 from hf_spectral.optim import create_optimizer, optimizer_state_elements
 
 from .prepare import load_meta, load_split, prepare
@@ -412,15 +413,6 @@ class WallClock(TrainerCallback):
             self.path.write_text(json.dumps({"seconds": self.seconds(), "step": state.global_step}))
 
 
-def last_complete_checkpoint(output_dir: Path) -> Optional[str]:
-    """The newest checkpoint folder that was written to the end (a kill during a save leaves a broken one)."""
-    found = []
-    for path in output_dir.glob("checkpoint-*"):
-        if (path / "trainer_state.json").is_file() and (path / "optimizer.pt").is_file():
-            found.append((int(path.name.split("-")[-1]), path))
-    return str(max(found)[1]) if found else None
-
-
 def hardware(args: TrainingArguments) -> dict:
     device = args.device
     if device.type == "cuda":
@@ -473,12 +465,12 @@ def train(settings: dict) -> Optional[dict]:
         train_dataset=train_set,
         eval_dataset=val_windows,  # Trainer wants one when eval_strategy is set; evaluate() reads val_windows
         optimizers=(optimizer, None),
-        callbacks=[clock],
+        callbacks=[clock, CompleteCheckpointCallback()],  # a kill during a save never becomes the resume point
         val_windows=val_windows,
         eval_batch_size=data_args.eval_batch_size,
         tokens_per_step=tokens_per_step,
     )
-    output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
+    output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(str(output_dir)))
     # a run stopped at its time limit still records where it got to (finished: false); run again to resume
     finished = trainer.state.global_step >= args.max_steps
     history = trainer.state.log_history
