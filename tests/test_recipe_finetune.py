@@ -160,3 +160,21 @@ def test_lm_smoke_profile_end_to_end(tiny_llama, tmp_path):
         assert record["tokens_per_step"] == 4 * 32
     text = compare.main([str(tmp_path / "lm_smoke")])
     assert "test perplexity" in text
+
+
+def test_spectral_scaling_and_learning_rate_trade_one_for_one(tiny_llama, tmp_path):
+    """Under Adam (no weight decay on adapters) lr x scaling is what counts: S starts at 0 and Adam's step does not
+    depend on the gradient's scale, so scaling c with lr / c trains the same update c * S (up to Adam's epsilon).
+    Gradient clipping breaks the symmetry (it rescales gradients by a factor that depends on c), so it is off here."""
+    profile = train.load_profile(str(CONFIGS / "lm_smoke.yaml"))
+    losses = []
+    for scaling, lr in ((1.0, 1e-2), (10.0, 1e-3), (100.0, 1e-4)):
+        settings = train.arm_settings(profile, "spectral_random_k1000")
+        settings.update(runs_dir=str(tmp_path / f"s{scaling:g}"), model=str(tiny_llama / "model"),
+                        data=str(tiny_llama / "input.txt"), scaling=scaling, max_steps=4, diagnostics=False,
+                        max_grad_norm=0.0)
+        record = train.run(settings, lr, 0)
+        losses.append([loss for _, loss in record["train_loss"]] + [record["results"]["test"]["loss"]])
+    assert losses[0][-1] != pytest.approx(losses[0][0], abs=1e-4)  # it did train
+    for other in losses[1:]:
+        assert other == pytest.approx(losses[0], rel=1e-4)

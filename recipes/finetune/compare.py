@@ -62,6 +62,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
+METHOD_ORDER = ("lora", "fourierft", "waveft", "spectral", "full")
+
+
+def _order(arm: dict) -> tuple:
+    """Rows: the baselines, then spectral arms by budget and layout, then full fine-tuning."""
+    return (METHOD_ORDER.index(arm["method"]), arm["budget"] or 0, arm["scaling"] or 0, arm["arm"])
+
+
 def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
     by_arm: dict[str, dict[float, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for record in runs:
@@ -109,7 +117,7 @@ def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
             "relative_update": _mean_std([d.get("relative_update_median", float("nan")) for d in diagnostics])[0],
             "stable_rank": _mean_std([d.get("stable_rank_median", float("nan")) for d in diagnostics])[0],
         }
-    return arms
+    return {a["arm"]: a for a in sorted(arms.values(), key=_order)}
 
 
 def _fmt(value: float, digits: int = 4) -> str:
