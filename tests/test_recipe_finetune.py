@@ -178,3 +178,23 @@ def test_spectral_scaling_and_learning_rate_trade_one_for_one(tiny_llama, tmp_pa
     assert losses[0][-1] != pytest.approx(losses[0][0], abs=1e-4)  # it did train
     for other in losses[1:]:
         assert other == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_spectral_arms_train_with_adam_statistics_in_the_weight_basis(tiny_llama, tmp_path):
+    profile = train.load_profile(str(CONFIGS / "lm_smoke.yaml"))
+    losses = {}
+    for optimizer in ("adamw", "wadam", "wfactored"):
+        settings = train.arm_settings(profile, "spectral_random_k1000")
+        settings.update(runs_dir=str(tmp_path / optimizer), model=str(tiny_llama / "model"),
+                        data=str(tiny_llama / "input.txt"), optimizer=optimizer, max_steps=4, diagnostics=False)
+        record = train.run(settings, 1e-3, 0)
+        assert record["settings"]["optimizer"] == optimizer
+        losses[optimizer] = [loss for _, loss in record["train_loss"]] + [record["results"]["test"]["loss"]]
+    # the same first loss (same model and data), then each optimiser takes its own steps
+    assert len({round(v[0], 6) for v in losses.values()}) == 1
+    assert len({round(v[-1], 6) for v in losses.values()}) == 3
+
+    settings = train.arm_settings(profile, "lora_r8")
+    settings.update(optimizer="wadam")
+    with pytest.raises(ValueError, match=r"optimizer='wadam' is for spectral arms .*method='lora'.*optimizer=adamw"):
+        train.parse_settings(settings, 1e-3, 0)

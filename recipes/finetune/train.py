@@ -54,10 +54,13 @@ from transformers import (
     set_seed,
 )
 
+from hf_spectral.optim import SpectralAdamW, spectral_projectors
+
 from .arms import METHODS, parameter_counts, peft_config_for
 from .data import load_rotten_tomatoes, resolve_model, shakespeare_blocks, shakespeare_text
 
 TASKS = ("cls", "lm")
+OPTIMIZER_MOMENTS = {"adamw": None, "wadam": "weight", "wfactored": "factored"}  # name -> SpectralAdamW moments
 LOCAL_METRICS = Path(__file__).parent / "metrics"
 SWEEP_KEYS = ("lrs", "seeds", "skip_timing")  # read by sweep.py, not by a run
 
@@ -103,6 +106,11 @@ class RecipeArguments:
     metric: str = field(
         default="local", metadata={"help": "cls: 'local' (the module in metrics/accuracy) or an evaluate name."}
     )
+    optimizer: str = field(
+        default="adamw",
+        metadata={"help": "adamw, or for spectral arms SpectralAdamW with its second moment in the weight basis: "
+                          "wadam (full) or wfactored (row/column factored); see hf_spectral.optim."},
+    )
     timing_warmup_steps: int = field(default=5, metadata={"help": "Steps left out of the step-time statistics."})
     allow_tf32: bool = field(default=True, metadata={"help": "On a GPU, let fp32 matmuls use TF32 (all arms alike)."})
     evaluate: bool = field(default=True, metadata={"help": "False: train only (timing runs)."})
@@ -116,6 +124,13 @@ class RecipeArguments:
             raise ValueError(f"task={self.task!r} is not one of {TASKS}.")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
+        if self.optimizer not in OPTIMIZER_MOMENTS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZER_MOMENTS)}.")
+        if self.optimizer != "adamw" and self.method != "spectral":
+            raise ValueError(
+                f"optimizer={self.optimizer!r} is for spectral arms (method=spectral), not method={self.method!r}; "
+                "use optimizer=adamw."
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,9 +373,12 @@ def build_optimizer(model, recipe: RecipeArguments, training: TrainingArguments)
     groups = [{"params": body, "lr": training.learning_rate, "weight_decay": decay}]
     if head:
         groups.append({"params": head, "lr": recipe.head_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(
-        groups, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon
-    )
+    betas, eps = (training.adam_beta1, training.adam_beta2), training.adam_epsilon
+    moments = OPTIMIZER_MOMENTS[recipe.optimizer]
+    if moments is None:
+        return torch.optim.AdamW(groups, betas=betas, eps=eps)
+    # Adam's statistics in the weight basis for the coefficients; the head gets plain AdamW from the same optimiser
+    return SpectralAdamW(groups, projectors=spectral_projectors(model), betas=betas, eps=eps, moments=moments)
 
 
 # --------------------------------------------------------------------------------------------------
