@@ -86,7 +86,7 @@ def build_layer_cases(
     layouts: list[str] = LAYOUTS,
     kinds: tuple = ("linear", "replace", "delta", "lora", "fourierft", "eval"),
 ) -> list[Case]:
-    """The issue's table for one shape and token count."""
+    """The benchmark table for one shape and token count."""
     torch.manual_seed(0)
     x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(tokens, m, device=device, dtype=dtype)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.report benchmarks/results/cpu-*.json [--targets] [--full]
 
-``--targets``: the issue's targets (tokens = 4096) with the measured ratio and whether it is met.
+``--targets``: the performance targets (tokens = 4096) with the measured ratio and whether it is met.
 ``--full``: every layer and model table of every file.
 """
 
