@@ -299,3 +299,35 @@ def test_bad_settings_say_what_to_do():
         SpectralAdamW([param], moments="adam")
     with pytest.raises(ValueError, match="betas"):
         SpectralAdamW([param], betas=(1.0, 0.9))
+
+
+@pytest.mark.parametrize("m,n,k,mode,low", [(192, 192, 256, "delta", 3.0), (96, 192, 9216, "replace", 1.05)])
+def test_few_coefficients_take_larger_steps_than_adamw_by_up_to_sqrt_mn_over_k(m, n, k, mode, low):
+    """What the module doc tells users about picking a learning rate: with K << mn the weight-basis step is
+    several times AdamW's (so the rate must come down); at K = mn/2 the two are close."""
+    import math
+
+    from hf_spectral import SpectralLinear
+
+    torch.manual_seed(0)
+    config = SpectralConfig(mode=mode, layout="random", n_coefficients=k, init_weights=False if mode == "delta" else "random")
+    layer = SpectralLinear(nn.Linear(n, m), "default", config, "layer", from_pretrained=False)
+    if mode == "replace":
+        layer.release_base_weight()
+    coefficients = layer.spectral_coefficients["default"]
+    start = coefficients.detach().clone()
+    x = torch.randn(64, n)
+    moves = {}
+    for name, optimizer in (
+        ("adamw", torch.optim.AdamW([coefficients], lr=1e-3, weight_decay=0.0)),
+        ("weight", SpectralAdamW([coefficients], spectral_projectors(layer), lr=1e-3)),
+    ):
+        for _ in range(3):
+            optimizer.zero_grad()
+            layer(x).pow(2).mean().backward()
+            optimizer.step()
+        with torch.no_grad():
+            moves[name] = (coefficients - start).norm().item()
+            coefficients.copy_(start)
+    ratio = moves["weight"] / moves["adamw"]
+    assert low < ratio <= math.sqrt(m * n / k) * 1.01, ratio
