@@ -1,6 +1,7 @@
 """SpectralAdamW: Adam with its statistics in the weight basis, for every layout and basis."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 import hf_spectral  # noqa: F401  (registers the method)
-from hf_spectral import SpectralConfig, SpectralLayer
+from hf_spectral import SpectralConfig, SpectralLayer, SpectralLinear
 from hf_spectral.optim import (
     SpectralAdamW,
     create_optimizer,
@@ -305,10 +306,6 @@ def test_bad_settings_say_what_to_do():
 def test_few_coefficients_take_larger_steps_than_adamw_by_up_to_sqrt_mn_over_k(m, n, k, mode, low):
     """What the module doc tells users about picking a learning rate: with K << mn the weight-basis step is
     several times AdamW's (so the rate must come down); at K = mn/2 the two are close."""
-    import math
-
-    from hf_spectral import SpectralLinear
-
     torch.manual_seed(0)
     config = SpectralConfig(mode=mode, layout="random", n_coefficients=k, init_weights=False if mode == "delta" else "random")
     layer = SpectralLinear(nn.Linear(n, m), "default", config, "layer", from_pretrained=False)

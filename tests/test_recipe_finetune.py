@@ -162,17 +162,21 @@ def test_lm_smoke_profile_end_to_end(tiny_llama, tmp_path):
     assert "test perplexity" in text
 
 
+def _four_step_settings(tiny_llama, runs_dir, **overrides) -> dict:
+    """The lm_smoke profile's spectral_random_k1000 arm on the tiny Llama, 4 steps, without diagnostics."""
+    settings = train.arm_settings(train.load_profile(str(CONFIGS / "lm_smoke.yaml")), "spectral_random_k1000")
+    settings.update(runs_dir=str(runs_dir), model=str(tiny_llama / "model"), data=str(tiny_llama / "input.txt"),
+                    max_steps=4, diagnostics=False, **overrides)
+    return settings
+
+
 def test_spectral_scaling_and_learning_rate_trade_one_for_one(tiny_llama, tmp_path):
     """Under Adam (no weight decay on adapters) lr x scaling is what counts: S starts at 0 and Adam's step does not
     depend on the gradient's scale, so scaling c with lr / c trains the same update c * S (up to Adam's epsilon).
     Gradient clipping breaks the symmetry (it rescales gradients by a factor that depends on c), so it is off here."""
-    profile = train.load_profile(str(CONFIGS / "lm_smoke.yaml"))
     losses = []
     for scaling, lr in ((1.0, 1e-2), (10.0, 1e-3), (100.0, 1e-4)):
-        settings = train.arm_settings(profile, "spectral_random_k1000")
-        settings.update(runs_dir=str(tmp_path / f"s{scaling:g}"), model=str(tiny_llama / "model"),
-                        data=str(tiny_llama / "input.txt"), scaling=scaling, max_steps=4, diagnostics=False,
-                        max_grad_norm=0.0)
+        settings = _four_step_settings(tiny_llama, tmp_path / f"s{scaling:g}", scaling=scaling, max_grad_norm=0.0)
         record = train.run(settings, lr, 0)
         losses.append([loss for _, loss in record["train_loss"]] + [record["results"]["test"]["loss"]])
     assert losses[0][-1] != pytest.approx(losses[0][0], abs=1e-4)  # it did train
@@ -181,12 +185,9 @@ def test_spectral_scaling_and_learning_rate_trade_one_for_one(tiny_llama, tmp_pa
 
 
 def test_spectral_arms_train_with_adam_statistics_in_the_weight_basis(tiny_llama, tmp_path):
-    profile = train.load_profile(str(CONFIGS / "lm_smoke.yaml"))
     losses = {}
     for optimizer in ("adamw", "wadam", "wfactored"):
-        settings = train.arm_settings(profile, "spectral_random_k1000")
-        settings.update(runs_dir=str(tmp_path / optimizer), model=str(tiny_llama / "model"),
-                        data=str(tiny_llama / "input.txt"), optimizer=optimizer, max_steps=4, diagnostics=False)
+        settings = _four_step_settings(tiny_llama, tmp_path / optimizer, optimizer=optimizer)
         record = train.run(settings, 1e-3, 0)
         assert record["settings"]["optimizer"] == optimizer
         losses[optimizer] = [loss for _, loss in record["train_loss"]] + [record["results"]["test"]["loss"]]
@@ -194,7 +195,7 @@ def test_spectral_arms_train_with_adam_statistics_in_the_weight_basis(tiny_llama
     assert len({round(v[0], 6) for v in losses.values()}) == 1
     assert len({round(v[-1], 6) for v in losses.values()}) == 3
 
-    settings = train.arm_settings(profile, "lora_r8")
+    settings = train.arm_settings(train.load_profile(str(CONFIGS / "lm_smoke.yaml")), "lora_r8")
     settings.update(optimizer="wadam")
     with pytest.raises(ValueError, match=r"optimizer='wadam' is for spectral arms .*method='lora'.*optimizer=adamw"):
         train.parse_settings(settings, 1e-3, 0)
