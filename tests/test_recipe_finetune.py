@@ -160,6 +160,11 @@ def test_lm_smoke_profile_end_to_end(tiny_llama, tmp_path):
         assert record["tokens_per_step"] == 4 * 32
     text = compare.main([str(tmp_path / "lm_smoke")])
     assert "test perplexity" in text
+    # rows: the baselines, then spectral arms by budget and layout, then full fine-tuning (not the profile's order)
+    order = ["lora_r8", "fourierft_n1000", "waveft_n1000", "spectral_banded_k1000", "spectral_energy_k1000",
+             "spectral_random_k1000", "full"]
+    positions = [text.index(f"| {arm} |") for arm in order]
+    assert positions == sorted(positions)
 
 
 def _four_step_settings(tiny_llama, runs_dir, **overrides) -> dict:
