@@ -7,13 +7,13 @@
 from . import bases, dct, layouts
 from ._peft_registry import SPECTRAL_PEFT_TYPE, register
 from .config import SpectralConfig
-from .hub import install_peft_push_to_hub
+from .ecosystem.hub import install_peft_push_to_hub
 from .layer import SpectralLayer, SpectralLinear
 from .model import SpectralModel
 
 register(SpectralConfig, SpectralModel)
 
-# PeftModel.push_to_hub writes the spectral model card for spectral adapters (see hf_spectral/hub.py)
+# PeftModel.push_to_hub writes the spectral model card for spectral adapters (see hf_spectral/ecosystem/hub.py)
 install_peft_push_to_hub()
 
 __version__ = "0.1.0"

@@ -132,7 +132,7 @@ def _load_model(name: str, revision: Optional[str], dtype: str):
 
 
 def cmd_inspect(args) -> int:
-    from .adapter_files import read_adapter
+    from .ecosystem.adapter_files import read_adapter
 
     summary = read_adapter(args.adapter, revision=args.revision)
     config = summary.config
@@ -244,7 +244,7 @@ def cmd_compress(args) -> int:
     from peft import get_peft_model
 
     from .config import SpectralConfig
-    from .model_card import write_model_card
+    from .ecosystem.model_card import write_model_card
 
     targets = args.target_modules.split(",") if args.target_modules else None
     try:
@@ -323,7 +323,7 @@ def cmd_compress(args) -> int:
 
 
 def _is_adapter(name: str, revision: Optional[str]) -> bool:
-    from .adapter_files import CONFIG_NAME
+    from .ecosystem.adapter_files import CONFIG_NAME
 
     if os.path.isdir(name):
         return os.path.isfile(os.path.join(name, CONFIG_NAME))
@@ -437,7 +437,7 @@ def cmd_spectrum(args) -> int:
     if args.layers is not None:
         pattern = re.compile(args.layers)
     if _is_adapter(args.source, args.revision):
-        from .adapter_files import layer_matrices, read_adapter
+        from .ecosystem.adapter_files import layer_matrices, read_adapter
 
         summary = read_adapter(args.source, revision=args.revision)
         what = "update" if summary.mode == "delta" else "weight"

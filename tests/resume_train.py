@@ -24,7 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_spectral import SpectralConfig  # noqa: E402
-from hf_spectral.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint  # noqa: E402
+from hf_spectral.ecosystem.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint  # noqa: E402
 
 HANGING_MARKER = "hanging-in-save"
 

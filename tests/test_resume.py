@@ -18,7 +18,7 @@ from ecosystem_utils import TESTS_DIR, run_checked, subprocess_env
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_spectral.checkpoints import MANIFEST_NAME, last_complete_checkpoint, verify_checkpoint
+from hf_spectral.ecosystem.checkpoints import MANIFEST_NAME, last_complete_checkpoint, verify_checkpoint
 
 SCRIPT = str(TESTS_DIR / "resume_train.py")
 

@@ -48,7 +48,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_spectral
 from hf_spectral import SpectralConfig, SpectralLayer
-from hf_spectral.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint
+from hf_spectral.ecosystem.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint
 from hf_spectral.optim import create_optimizer, optimizer_state_elements
 
 from .prepare import load_meta, load_split, prepare

@@ -18,7 +18,7 @@ import inspect
 import tempfile
 from typing import Optional
 
-from ._peft_registry import SPECTRAL_PEFT_TYPE
+from .._peft_registry import SPECTRAL_PEFT_TYPE
 from .model_card import render_model_card, write_model_card  # noqa: F401  (write_model_card is re-exported)
 
 

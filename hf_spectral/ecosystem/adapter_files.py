@@ -165,7 +165,7 @@ def read_adapter(dir_or_repo: str, revision: Optional[str] = None, token=None) -
 
 
 def _spectral_config(summary: AdapterSummary):
-    from .config import SpectralConfig
+    from ..config import SpectralConfig
 
     return SpectralConfig.from_pretrained(summary.path)
 
@@ -179,9 +179,9 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
     """
     from safetensors import safe_open
 
-    from .bases import basis_matrix
-    from .dct import idct2_scattered, scatter_coefficients
-    from .layouts import select_indices
+    from ..bases import basis_matrix
+    from ..dct import idct2_scattered, scatter_coefficients
+    from ..layouts import select_indices
 
     config = _spectral_config(summary)
     wanted = None if names is None else set(names)
