@@ -1,0 +1,68 @@
+"""The Fourier dictionary over positions and the causal mixing it defines: pure functions on tensors.
+
+Atom k is the damped complex exponential ``a_k^tau = exp(tau * (-lambda_k + i omega_k))`` over lags tau >= 0.
+Mixing a sequence u (B, T, K, complex) with the dictionary is the causal convolution, per atom,
+
+    x_t = sum_{s <= t} a^(t - s) u_s  (+ a^(t + 1) x_prev, the state carried from earlier tokens),
+
+which is also the linear recurrence ``x_t = a x_{t-1} + u_t``. Training computes it with FFTs of length
+>= 2T (O(T log T) time, O(T K) memory, no T x T object); decoding takes one recurrence step per token.
+Nothing here knows about nn.Module or transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def log_step(omega: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """log a_k = -lambda_k + i omega_k with lambda_k = exp(log_decay_k) > 0 (so |a_k| < 1: every atom decays)."""
+    return torch.complex(-torch.exp(log_decay.double()), omega.double())
+
+
+def input_scale(log_decay: torch.Tensor) -> torch.Tensor:
+    """sqrt(1 - |a|^2): scales the input so a stationary input gives a state of the same variance (as in LRU)."""
+    return torch.sqrt(-torch.expm1(-2.0 * torch.exp(log_decay.float())))
+
+
+def kernel(log_a: torch.Tensor, length: int, offset: int = 0) -> torch.Tensor:
+    """a^(tau + offset) for tau = 0 .. length-1, shape (length, K), complex64.
+
+    The exponent is formed in float64: at tau = 16,384 the phase omega * tau is ~5e4 radians, where
+    float32 would be off by ~3e-3 radians and the FFT path would drift from the recurrence.
+    """
+    tau = torch.arange(offset, offset + length, dtype=torch.float64, device=log_a.device)
+    return torch.exp(tau[:, None] * log_a[None, :]).to(torch.complex64)
+
+
+def _fft_size(length: int) -> int:
+    return 1 << max(1, (2 * length - 1).bit_length())
+
+
+def causal_mix(u: torch.Tensor, log_a: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, K) with x_t = sum_{s<=t} a^(t-s) u_s + a^(t+1) state, by FFT convolution; u complex64."""
+    if u.dim() != 3 or not u.is_complex():
+        raise ValueError(f"u must be complex of shape (batch, time, atoms); got {tuple(u.shape)} {u.dtype}")
+    batch, length, atoms = u.shape
+    if log_a.shape != (atoms,):
+        raise ValueError(f"log_a has shape {tuple(log_a.shape)}, expected ({atoms},) (one per atom)")
+    if length == 1:
+        x = u
+    else:
+        n = _fft_size(length)
+        spectrum = torch.fft.fft(u, n=n, dim=1) * torch.fft.fft(kernel(log_a, length), n=n, dim=0)
+        x = torch.fft.ifft(spectrum, dim=1)[:, :length]
+    if state is not None:
+        x = x + kernel(log_a, length, offset=1)[None] * state[:, None, :]
+    return x
+
+
+def scan(u: torch.Tensor, log_a: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+    """The same x by the sequential recurrence x_t = a x_{t-1} + u_t (the reference; O(T) steps)."""
+    a = torch.exp(log_a).to(torch.complex64)
+    x = torch.zeros_like(u[:, 0]) if state is None else state
+    out = []
+    for t in range(u.shape[1]):
+        x = a * x + u[:, t]
+        out.append(x)
+    return torch.stack(out, dim=1)

@@ -1,0 +1,280 @@
+"""Spectral token mixing: the dictionary's causal mix, the swap, decoding with a state, save/load, replace mode."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from tiny_models import VOCAB, make_bert, make_gpt2, make_llama
+from transformers import AutoModelForCausalLM
+
+from hf_spectral import SpectralConfig, SpectralLayer
+from hf_spectral.mixing import (
+    SpectralMixer,
+    SpectralMixingConfig,
+    causal_mix,
+    from_pretrained,
+    mixer_parameter_count,
+    replace_attention,
+    scan,
+)
+from hf_spectral.mixing.atoms import log_step
+
+FACTORIES = {"gpt2": make_gpt2, "llama": make_llama}
+
+
+def mixer_model(name="gpt2", **settings):
+    return replace_attention(FACTORIES[name](), SpectralMixingConfig(**settings))
+
+
+def ids(batch=2, length=12, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- the dictionary's mix ---------------------------------------------------------------------------------------
+
+
+def random_mix_inputs(length=37, atoms=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.complex(torch.randn(2, length, atoms, generator=g), torch.randn(2, length, atoms, generator=g))
+    omega = torch.rand(atoms, generator=g) * 3.14
+    log_decay = torch.log(torch.rand(atoms, generator=g) * 0.5 + 0.01)
+    state = torch.complex(torch.randn(2, atoms, generator=g), torch.randn(2, atoms, generator=g))
+    return u, log_step(omega, log_decay), state
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fft_mix_equals_the_recurrence(with_state):
+    u, log_a, state = random_mix_inputs()
+    state = state if with_state else None
+    torch.testing.assert_close(causal_mix(u, log_a, state), scan(u, log_a, state), atol=2e-5, rtol=1e-5)
+
+
+def test_mix_is_causal_and_splits_into_prefix_plus_carried_state():
+    u, log_a, _ = random_mix_inputs(length=40)
+    changed = u.clone()
+    changed[:, 25:] += 10.0
+    torch.testing.assert_close(causal_mix(changed, log_a)[:, :25], causal_mix(u, log_a)[:, :25])
+    first = causal_mix(u[:, :25], log_a)
+    rest = causal_mix(u[:, 25:], log_a, first[:, -1])
+    torch.testing.assert_close(torch.cat([first, rest], 1), causal_mix(u, log_a), atol=2e-5, rtol=1e-5)
+
+
+def test_model_output_is_causal():
+    model = mixer_model()
+    x = ids(length=16)
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits[:, :10], model(input_ids=y).logits[:, :10])
+
+
+# -- the swap -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_no_attention_is_left_and_parameters_match(name):
+    base = FACTORIES[name]()
+    attention = [m for m in base.modules() if type(m).__name__.endswith("Attention")]
+    attention_params = sum(p.numel() for m in attention for p in m.parameters())
+    model = replace_attention(base)
+    assert not [m for m in model.modules() if "Attention" in type(m).__name__]
+    mixers = [m for m in model.modules() if isinstance(m, SpectralMixer)]
+    assert len(mixers) == len(attention) == 2
+    mixer_params = sum(p.numel() for m in mixers for p in m.parameters())
+    assert abs(mixer_params - attention_params) / attention_params < 0.02
+    bias = name == "gpt2"
+    assert mixer_params == 2 * mixer_parameter_count(32, mixers[0].n_atoms, bias)
+    assert model.config.spectral_mixing["n_atoms"] == mixers[0].n_atoms
+
+
+def test_unsupported_models_and_misuse_get_clear_errors():
+    with pytest.raises(ValueError, match=r"\['gpt2', 'llama'\].*model_type='bert'"):
+        replace_attention(make_bert())
+    model = mixer_model()
+    with pytest.raises(ValueError, match="already has spectral mixers"):
+        replace_attention(model)
+    peft_model = get_peft_model(make_gpt2(), SpectralConfig(mode="replace", target_modules=["c_fc"]))
+    with pytest.raises(TypeError, match="swap the attention first"):
+        replace_attention(peft_model)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"n_atoms": 0}, "n_atoms=0"),
+        ({"min_half_life": 10.0, "max_half_life": 2.0}, "max_half_life=2.0 is below"),
+        ({"max_frequency": 4.0}, r"max_frequency=4.0 .*\(0, pi\]"),
+        ({"gate": "relu"}, "gate='relu'"),
+        ({"stft_weight": -1.0}, "stft_weight=-1.0"),
+        ({"prior_components": 0}, "prior_components=0"),
+    ],
+)
+def test_bad_settings_name_the_value_and_the_range(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SpectralMixingConfig(**settings)
+
+
+# -- decoding with a state ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_greedy_generate_is_the_same_with_and_without_the_cache(name):
+    model = mixer_model(name)
+    prompt = ids(batch=1, length=5)
+    with_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True)
+    without = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert with_cache.shape == (1, 25)
+    assert torch.equal(with_cache, without)
+
+
+def test_cached_steps_give_the_full_forward_logits_and_a_fixed_size_state():
+    model = mixer_model()
+    x = ids(length=20)
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        out = model(input_ids=x[:, :8], use_cache=True)
+        cache, pieces = out.cache, [out.logits]
+        sizes = []
+        for t in range(8, 20):
+            out = model(input_ids=x[:, t:t + 1], cache=cache, use_cache=True)
+            pieces.append(out.logits)
+            sizes.append(sum(layer.state.numel() for layer in cache.layers))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 20
+    assert len(set(sizes)) == 1  # the state does not grow with the context
+
+
+def test_beam_search_follows_the_reordered_state():
+    model = mixer_model("llama")
+    prompt = ids(batch=1, length=4)
+    kwargs = dict(max_new_tokens=8, do_sample=False, num_beams=3)
+    assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_left_padding_is_not_mixed_in():
+    model = mixer_model("llama")  # the mixer model ignores positions, so padding on the left changes nothing
+    x = ids(batch=1, length=9)
+    padded = torch.cat([torch.full((1, 3), 5), x], 1)  # not the pad id, whose embedding is 0
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    with torch.no_grad():
+        alone = model(input_ids=x).logits
+        with_pad = model(input_ids=padded, attention_mask=mask).logits[:, 3:]
+        ignoring_mask = model(input_ids=padded).logits[:, 3:]
+    torch.testing.assert_close(with_pad, alone, atol=1e-5, rtol=1e-5)
+    assert (ignoring_mask - alone).abs().max() > 1e-4  # the mask is what made the difference
+
+
+def test_crop_cannot_roll_back_a_state():
+    model = mixer_model()
+    out = model(input_ids=ids(length=6), use_cache=True)
+    with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+        out.cache.crop(-2)
+
+
+# -- the paper's auxiliary objectives -----------------------------------------------------------------------------
+
+
+def train(model, steps=12, lr=2e-2):
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    x = ids(batch=4, length=32, seed=3)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def term_of(model, name):
+    from hf_spectral.mixing import auxiliary_terms
+
+    for mixer in model.modules():
+        if isinstance(mixer, SpectralMixer):
+            mixer.record_terms = True
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids(batch=4, length=32, seed=3))
+    return auxiliary_terms(model)[name]
+
+
+@pytest.mark.parametrize(
+    "name, weight",
+    [("reconstruction", "reconstruction_weight"), ("stft", "stft_weight"), ("prior", "prior_weight")],
+)
+def test_each_auxiliary_objective_lowers_its_own_term(name, weight):
+    torch.manual_seed(0)
+    with_term = mixer_model(**{weight: 1.0, "stft_window": 8})
+    start = term_of(with_term, name)
+    train(with_term)
+    trained = term_of(with_term, name)
+    assert trained < 0.8 * start
+    if name != "prior":  # the prior's mixture only exists when its weight is on
+        torch.manual_seed(0)
+        without = mixer_model(stft_window=8)
+        train(without)
+        assert trained < term_of(without, name)
+
+
+def test_auxiliary_terms_enter_the_training_loss_only():
+    model = mixer_model(reconstruction_weight=1.0)
+    x = ids()
+    model.train()
+    with_terms = float(model(input_ids=x, labels=x).loss)
+    model.eval()
+    plain = float(model(input_ids=x, labels=x).loss)
+    assert with_terms > plain + 0.1  # a fresh mixer rebuilds its input badly: the term is large
+
+
+# -- save and load, and replace-mode spectral linears on top --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_save_and_load_give_identical_logits(tmp_path, name):
+    model = mixer_model(name, prior_weight=0.1)
+    train(model, steps=3)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    assert isinstance(loaded, type(model))
+
+
+def test_loading_a_plain_model_says_what_it_is(tmp_path):
+    make_gpt2().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a spectral-mixer model"):
+        from_pretrained(tmp_path)
+
+
+def test_mixer_plus_replace_mode_has_no_attention_and_no_dense_matrix_and_reloads(tmp_path):
+    settings = SpectralConfig(mode="replace", coefficient_fraction=0.5, layout="random", target_modules="all-linear")
+    model = get_peft_model(mixer_model(), settings)
+    inner = model.base_model.model
+    layers = [m for m in inner.modules() if isinstance(m, SpectralLayer)]
+    assert len(layers) == 2 * 5  # in_proj, coef_proj, out_proj, c_fc, c_proj per block
+    assert all(layer.get_base_layer().weight is None for layer in layers)
+    assert inner.lm_head.weight is inner.transformer.wte.weight  # the head is the (tied) embedding
+    assert not [m for m in inner.modules() if "Attention" in type(m).__name__]
+    losses = train(model, steps=6, lr=3e-3)
+    assert losses[-1] < losses[0]
+    model.eval()
+    model.save_pretrained(tmp_path)
+    fresh = replace_attention(AutoModelForCausalLM.from_config(make_gpt2().config), SpectralMixingConfig())
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=0, rtol=0)
+    assert torch.equal(
+        loaded.generate(x[:1, :4], max_new_tokens=6, do_sample=False),
+        model.generate(x[:1, :4], max_new_tokens=6, do_sample=False),
+    )
+
+
+def test_bf16_model_keeps_a_float32_dictionary_and_runs():
+    model = mixer_model("llama").to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(input_ids=ids()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
