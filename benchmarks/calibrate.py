@@ -1,4 +1,4 @@
-"""Measure the constants of the compute paths' cost model (``hf_spectral.compute_paths.DEVICE_COSTS``).
+"""Measure the constants of the compute paths' cost model (``hf_spectral.compute.cost_model.DEVICE_COSTS``).
 
     python -m benchmarks.calibrate [--device cuda]
 
@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from hf_spectral import compute_paths
-from hf_spectral.dct import _dct_fft_lastdim, _idct_fft_lastdim
+from hf_spectral import CoefficientSpace
+from hf_spectral.compute import cost_model
+from hf_spectral.dct import dct_lastdim, idct_lastdim
 from hf_spectral.layouts import lowfreq_block
 
 
@@ -48,30 +49,30 @@ def calibrate(device: torch.device, tokens: int = 4096, size: int = 2048) -> dic
     elementwise = _time(lambda: x * 1.5, device) / x.numel() / per_flop
     fft = _time(lambda: torch.fft.rfft(x, dim=-1), device) / (x.numel() * math.log2(size)) / per_flop
     k = 65536
-    plan = compute_paths.SpectralPlan(size, size, "dct", 0, None, torch.randperm(size * size)[:k].sort().values.to(device))
+    plan = CoefficientSpace(size, size, "dct", 0, indices=torch.randperm(size * size)[:k].sort().values.to(device))
     g_t = torch.randn(size, tokens, **f32)
     xd_t = torch.randn(size, tokens, **f32)
     sparse = _time(lambda: plan.sampled_product(g_t, xd_t.T), device) / (2.0 * tokens * k) / per_flop
     constants = {"elementwise": elementwise, "fft": fft, "sparse": sparse}
 
     # check the model with these constants on composite operations
-    costs = compute_paths.DeviceCosts(**constants)
+    costs = cost_model.DeviceCosts(**constants)
     checks = []
     for name, fn, model in [
-        ("DCT of T x n (fft)", lambda: _dct_fft_lastdim(x), compute_paths._transform_cost(costs, tokens, size, size, "fft")),
-        ("IDCT of T x n (fft)", lambda: _idct_fft_lastdim(x), compute_paths._transform_cost(costs, tokens, size, size, "fft")),
+        ("DCT of T x n (fft)", lambda: dct_lastdim(x), cost_model.transform_cost(costs, tokens, size, size, "fft")),
+        ("IDCT of T x n (fft)", lambda: idct_lastdim(x), cost_model.transform_cost(costs, tokens, size, size, "fft")),
         ("DCT of T x n (matmul)", lambda: plan.analyse(x, "in", size, "matmul"), 2.0 * tokens * size * size * (1 if gemm_dtype == torch.float32 else 0)),
-        ("rebuild scattered (fft)", lambda: plan.rebuild(torch.randn(k, **f32), "fft"), compute_paths._weight_cost(plan, costs, "fft")),
+        ("rebuild scattered (fft)", lambda: plan.to_matrix(torch.randn(k, **f32), "fft"), cost_model.weight_cost(plan, costs, "fft")),
     ]:
         checks.append({"op": name, "measured_ms": _time(fn, device) * 1e3, "model_ms": model * per_flop * 1e3})
     block = lowfreq_block(size, size, size * size // 2)
-    block_plan = compute_paths.SpectralPlan(size, size, "dct", 0, block, None)
+    block_plan = CoefficientSpace(size, size, "dct", 0, block=block)
     values = torch.randn(block[0] * block[1], **f32)
     for method in ("matmul", "fft"):
         checks.append({
             "op": f"rebuild block mn/2 ({method})",
-            "measured_ms": _time(lambda method=method: block_plan.rebuild(values, method), device) * 1e3,
-            "model_ms": compute_paths._weight_cost(block_plan, costs, method) * per_flop * 1e3,
+            "measured_ms": _time(lambda method=method: block_plan.to_matrix(values, method), device) * 1e3,
+            "model_ms": cost_model.weight_cost(block_plan, costs, method) * per_flop * 1e3,
         })
     return {"device": str(device), "matmul_dtype": str(gemm_dtype), "matmul_tflops": 1e-12 / per_flop,
             "constants": constants, "checks": checks}

@@ -12,7 +12,8 @@ from peft import FourierFTConfig, LoraConfig, get_peft_model
 from torch import nn
 
 import hf_spectral  # noqa: F401  (registers the method)
-from hf_spectral import SpectralConfig, compute_paths
+from hf_spectral import SpectralConfig
+from hf_spectral.compute import dispatch
 
 from .common import Case, peak_memory
 
@@ -119,7 +120,7 @@ def build_layer_cases(
             for layout in layouts:
                 layer = spectral("replace", layout, fraction, label)
                 if all_paths:
-                    for path in compute_paths.available_paths(layer._plan("default"), "replace"):
+                    for path in dispatch.available_paths(layer.coefficient_space("default"), "replace"):
                         spectral("replace", layout, fraction, label, path)
     if "delta" in kinds:
         for k in budgets:
@@ -128,7 +129,7 @@ def build_layer_cases(
             for layout in layouts:
                 layer = spectral("delta", layout, k, str(k))
                 if all_paths:
-                    for path in compute_paths.available_paths(layer._plan("default"), "delta"):
+                    for path in dispatch.available_paths(layer.coefficient_space("default"), "delta"):
                         spectral("delta", layout, k, str(k), path)
     if "lora" in kinds:
         ranks = {8: "r=8"}

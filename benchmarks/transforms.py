@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from hf_spectral import compute_paths, triton_kernels
-from hf_spectral.dct import _dct_fft_lastdim, _idct_fft_lastdim
+from hf_spectral import CoefficientSpace, triton_kernels
+from hf_spectral.dct import dct_lastdim, idct_lastdim
 from hf_spectral.layouts import lowfreq_block
 
 from .common import markdown_table
@@ -39,14 +39,14 @@ def _bench(fn, repeats=50):
 
 def _ops(tokens, n, k, x, w, plan, values, block_plan, block_values) -> dict:
     return {
-        f"DCT {tokens} x {n}": lambda: _dct_fft_lastdim(x),
-        f"DCT {tokens} x {n}, transposed out": lambda: _dct_fft_lastdim(x, transpose=True),
+        f"DCT {tokens} x {n}": lambda: dct_lastdim(x),
+        f"DCT {tokens} x {n}, transposed out": lambda: dct_lastdim(x, transpose=True),
         # dct no longer calls the fused inverse (it measured slower); time it directly so that stays checkable
-        f"IDCT {tokens} x {n}": lambda: triton_kernels.idct_lastdim(x, n) if triton_kernels.enabled else _idct_fft_lastdim(x),
-        f"rebuild {n} x {n}, K={k} scattered (fft)": lambda: plan.rebuild(values, "fft"),
-        f"adjoint {n} x {n}, K={k} scattered (fft)": lambda: plan.adjoint(w, "fft"),
-        f"rebuild {n} x {n}, block mn/2 (fft)": lambda: block_plan.rebuild(block_values, "fft"),
-        f"rebuild {n} x {n}, block mn/2 (matmul fp32)": lambda: block_plan.rebuild(block_values, "matmul"),
+        f"IDCT {tokens} x {n}": lambda: idct_lastdim(x),
+        f"rebuild {n} x {n}, K={k} scattered (fft)": lambda: plan.to_matrix(values, "fft"),
+        f"adjoint {n} x {n}, K={k} scattered (fft)": lambda: plan.from_matrix(w, "fft"),
+        f"rebuild {n} x {n}, block mn/2 (fft)": lambda: block_plan.to_matrix(block_values, "fft"),
+        f"rebuild {n} x {n}, block mn/2 (matmul fp32)": lambda: block_plan.to_matrix(block_values, "matmul"),
         f"matmul {tokens} x {n} x {n} bf16": (lambda a=x.bfloat16(), b=w.bfloat16(): a @ b),  # noqa: B008
     }
 
@@ -62,9 +62,9 @@ def main(argv=None):
         x = torch.randn(args.tokens, n, device=device)
         w = torch.randn(n, n, device=device)
         k = 65536
-        plan = compute_paths.SpectralPlan(n, n, "dct", 0, None, torch.randperm(n * n, device=device)[:k].sort().values)
+        plan = CoefficientSpace(n, n, "dct", 0, indices=torch.randperm(n * n, device=device)[:k].sort().values)
         block = lowfreq_block(n, n, n * n // 2)
-        block_plan = compute_paths.SpectralPlan(n, n, "dct", 0, block, None)
+        block_plan = CoefficientSpace(n, n, "dct", 0, block=block)
         values, block_values = torch.randn(k, device=device), torch.randn(block[0] * block[1], device=device)
         ops = _ops(args.tokens, n, k, x, w, plan, values, block_plan, block_values)
         for name, fn in ops.items():

@@ -5,26 +5,29 @@
 """
 
 from . import bases, dct, layouts
-from ._peft_registry import SPECTRAL_PEFT_TYPE, register
+from ._peft_registry import SPECTRAL_PEFT_TYPE, install_patches, register
+from ._version import __version__
+from .coefficient_space import CoefficientSpace
 from .config import SpectralConfig
-from .ecosystem.hub import install_peft_push_to_hub
+from .ecosystem.hub import is_spectral_model, push_to_hub
 from .layer import SpectralLayer, SpectralLinear
-from .model import SpectralModel
+from .model import SpectralModel, set_compute_path, set_weight_cache, spectral_layers
 
 register(SpectralConfig, SpectralModel)
-
-# PeftModel.push_to_hub writes the spectral model card for spectral adapters (see hf_spectral/ecosystem/hub.py)
-install_peft_push_to_hub()
-
-__version__ = "0.1.0"
+install_patches(push_to_hub, is_spectral_model)
 
 __all__ = [
     "SPECTRAL_PEFT_TYPE",
+    "CoefficientSpace",
     "SpectralConfig",
     "SpectralLayer",
     "SpectralLinear",
     "SpectralModel",
+    "__version__",
     "bases",
     "dct",
     "layouts",
+    "set_compute_path",
+    "set_weight_cache",
+    "spectral_layers",
 ]

@@ -1,19 +1,29 @@
-"""The one place that reaches into PEFT's internals: adding SPECTRAL to its method registry.
+"""The one place that reaches into PEFT's internals, and the list of what ``import hf_spectral`` changes
+in PEFT's classes.
 
-PEFT (checked on 0.21) registers a method with ``peft.utils.register_peft_method``, which fills
-its config, tuner and prefix mappings, but only for names that are members of the ``PeftType``
-enum. Python enums are closed, so the member is added here from outside, through the enum's
-member maps. ``tests/test_peft_registry.py`` fails loudly if a peft release changes any of this.
+1. ``SPECTRAL`` in PEFT's method registry. PEFT (checked on 0.21) registers a method with
+   ``peft.utils.register_peft_method``, which fills its config, tuner and prefix mappings, but only
+   for names that are members of the ``PeftType`` enum. Python enums are closed, so the member is
+   added here from outside, through the enum's member maps (``tests/test_peft_registry.py``).
+2. ``PeftModel.push_to_hub`` (:func:`install_patches`): transformers' push overwrites the model card
+   with a generic one, so for models whose adapters are all spectral it goes to
+   ``hf_spectral.ecosystem.hub.push_to_hub``, which uploads the spectral card; every other model keeps
+   the original (``tests/test_hub.py`` checks both routes).
+
+The tests fail loudly if a peft release changes any of this.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 
 from peft.utils import PeftType
 
 NAME = "spectral"
-PREFIX = "spectral_"
+PREFIX = "spectral_"  # every adapter attribute of a spectral layer starts with it (PEFT saves by this prefix)
+PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel puts before a module's name in a saved state dict
 
 
 def _extend_peft_type(member_name: str) -> PeftType:
@@ -50,3 +60,29 @@ def register(config_cls: type, model_cls: type) -> None:
     if clash:
         raise RuntimeError(f"The prefix {PREFIX!r} is already used by PEFT method(s) {clash}.")
     register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
+
+
+def install_patches(push_to_hub, is_spectral_model) -> None:
+    """Route ``PeftModel.push_to_hub`` to ``push_to_hub`` (``hf_spectral.ecosystem.hub``) for models where
+    ``is_spectral_model`` holds (item 2 of the module doc); idempotent."""
+    from peft import PeftModel
+
+    original = PeftModel.push_to_hub
+    if getattr(original, "_hf_spectral_original", None) is not None:
+        return
+    accepted = set(inspect.signature(push_to_hub).parameters) - {"model", "repo_id", "save_kwargs"}
+
+    @functools.wraps(original)
+    def spectral_aware_push_to_hub(self, repo_id, *args, **kwargs):
+        if not is_spectral_model(self):
+            return original(self, repo_id, *args, **kwargs)
+        if args:
+            raise TypeError("push_to_hub() takes repo_id as its only positional argument.")
+        kwargs.pop("max_shard_size", None)  # adapters are not sharded
+        unknown = set(kwargs) - accepted
+        if unknown:
+            raise TypeError(f"push_to_hub() got unexpected keyword argument(s) {sorted(unknown)}.")
+        return push_to_hub(self, repo_id, **kwargs)
+
+    spectral_aware_push_to_hub._hf_spectral_original = original
+    PeftModel.push_to_hub = spectral_aware_push_to_hub

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from . import fft_tables, triton_kernels
+
 __all__ = [
     "dct_basis",
     "dct",
@@ -38,6 +40,8 @@ __all__ = [
     "dct2_block",
     "idct2_block",
     "dct2_scattered",
+    "dct_lastdim",
+    "idct_lastdim",
     "idct2_scattered",
     "scatter_coefficients",
     "FFT_MIN_SIZE",
@@ -75,75 +79,7 @@ def _use_fft(sizes: tuple[int, ...], method: str, device: torch.device) -> bool:
     return method == "fft"
 
 
-@functools.lru_cache(maxsize=256)
-def _orthonormal_scale(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
-    scale[0] = math.sqrt(1.0 / n)
-    return scale.to(device=device, dtype=dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _twiddle(n: int, sign: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # exp(sign * i * pi * k / (2n)) for k = 0 .. n // 2 (the half spectrum of a real signal), in the
-    # complex dtype that matches a real ``dtype``.
-    k = torch.arange(n // 2 + 1, dtype=torch.float64)
-    tw = torch.polar(torch.ones_like(k), sign * math.pi * k / (2 * n))
-    return tw.to(device=device, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
-
-
-@functools.lru_cache(maxsize=256)
-def _scaled_twiddle(n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Forward: exp(-i pi k / 2n) * a_k. Inverse: conj(exp(i pi k / 2n) / a_k) (see _idct_fft_lastdim).
-    scale = _orthonormal_scale(n, torch.float64, torch.device("cpu"))[: n // 2 + 1]
-    tw = _twiddle(n, -1.0, torch.float64, torch.device("cpu"))
-    tw = tw / scale if inverse else tw * scale
-    return tw.to(device=device, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
-
-
-@functools.lru_cache(maxsize=256)
-def _reorder_index(n: int, device: torch.device) -> torch.Tensor:
-    # Makhoul's reordering [x0, x2, x4, ..., x5, x3, x1], as a gather index
-    return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)]).to(device)
-
-
-@functools.lru_cache(maxsize=256)
-def _unreorder_index(n: int, device: torch.device) -> torch.Tensor:
-    # position i of the signal sits at v[i // 2] (even i) or v[n - 1 - i // 2] (odd i)
-    i = torch.arange(n)
-    return torch.where(i % 2 == 0, i // 2, n - 1 - i // 2).to(device)
-
-
-@functools.lru_cache(maxsize=256)
-def _dct_output_index(n: int, keep: int, device: torch.device) -> torch.Tensor:
-    # output j of the DCT sits at Re(W_j) (j <= n // 2) or at -Im(W_{n-j}), in view_as_real's flat layout
-    j = torch.arange(keep)
-    return torch.where(j <= n // 2, 2 * j, 2 * (n - j) + 1).to(device)
-
-
-@functools.lru_cache(maxsize=256)
-def _idct_input_index(n: int, device: torch.device) -> torch.Tensor:
-    # (y_k, y_{n-k}) for k = 0 .. n // 2, interleaved; k = 0 reads y_0 twice (the irfft ignores
-    # the imaginary part of the zero-frequency bin)
-    k = torch.arange(n // 2 + 1)
-    return torch.stack([k, torch.where(k == 0, 0, n - k)], dim=-1).reshape(-1).to(device)
-
-
-@functools.lru_cache(maxsize=256)
-def _idct_output_index(n: int, device: torch.device) -> torch.Tensor:
-    # irfft(conj(X)) is irfft(X) reversed circularly: fold that reversal into the un-reordering
-    return (-_unreorder_index(n, torch.device("cpu"))).remainder(n).to(device)
-
-
-def _fused(x: torch.Tensor) -> bool:
-    # On CUDA, Triton kernels fuse the passes around cuFFT (hf_spectral/triton_kernels.py), if Triton imports.
-    try:
-        from . import triton_kernels
-    except ImportError:  # pragma: no cover
-        return False
-    return triton_kernels.usable(x)
-
-
-def _dct_fft_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool = False) -> torch.Tensor:
+def dct_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool = False) -> torch.Tensor:
     """Orthonormal DCT-II along the last dimension through a real FFT; only the first ``keep`` outputs.
 
     Makhoul (1980): reorder to [x0, x2, x4, ..., x5, x3, x1]; with V the FFT of the reordered signal
@@ -154,18 +90,16 @@ def _dct_fft_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool =
     """
     n = x.shape[-1]
     keep = n if keep is None else keep
-    if x.is_cuda and _fused(x):
-        from . import triton_kernels
-
+    if x.is_cuda and triton_kernels.usable(x):
         return triton_kernels.dct_lastdim(x, keep, transpose)
     half = n // 2 + 1
-    v = x.index_select(-1, _reorder_index(n, x.device))
-    w = torch.fft.rfft(v, dim=-1) * _scaled_twiddle(n, False, x.dtype, x.device)
+    v = x.index_select(-1, fft_tables.reorder_index(n, x.device))
+    w = torch.fft.rfft(v, dim=-1) * fft_tables.scaled_twiddle(n, False, x.dtype, x.device)
     if keep <= half:
         y = w.real[..., :keep]
         return y.transpose(-1, -2).contiguous() if transpose else y.contiguous()
     flat = torch.view_as_real(w).flatten(-2)
-    index = _dct_output_index(n, keep, x.device)
+    index = fft_tables.dct_output_index(n, keep, x.device)
     if transpose:
         y = flat.transpose(-1, -2).index_select(-2, index)
         y[..., half:, :].neg_()
@@ -175,8 +109,8 @@ def _dct_fft_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool =
     return y
 
 
-def _idct_fft_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """The inverse of :func:`_dct_fft_lastdim`: DCT-III along the last dimension through an inverse real FFT.
+def idct_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """The inverse of :func:`dct_lastdim`: DCT-III along the last dimension through an inverse real FFT.
 
     ``coeffs`` may hold only the first q <= n coefficients (the rest are zero). With y = coeffs / a,
     V_k = exp(i pi k / 2n) (y_k - i y_{n-k}) (y_n = 0) is the half spectrum of the reordered signal.
@@ -185,10 +119,8 @@ def _idct_fft_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tenso
     """
     q = coeffs.shape[-1]
     n = q if n is None else n
-    # (triton_kernels.idct_lastdim fuses the passes before the irfft, but measured slower than these on
-    # an H100, 0.6-0.7x: it is kept for reference and not used)
     half = n // 2 + 1
-    tw = _scaled_twiddle(n, True, coeffs.dtype, coeffs.device)
+    tw = fft_tables.scaled_twiddle(n, True, coeffs.dtype, coeffs.device)
     if q <= n - half + 1:  # no y_{n-k} term is non-zero: a real-times-complex product
         spectrum = coeffs * tw[:q]
         if q < half:
@@ -197,17 +129,17 @@ def _idct_fft_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tenso
     else:
         if q < n:
             coeffs = torch.nn.functional.pad(coeffs, (0, n - q))
-        pairs = coeffs.index_select(-1, _idct_input_index(n, coeffs.device))
+        pairs = coeffs.index_select(-1, fft_tables.idct_input_index(n, coeffs.device))
         spectrum = torch.view_as_complex(pairs.view(*pairs.shape[:-1], half, 2)) * tw
     u = torch.fft.irfft(spectrum, n=n, dim=-1)
-    return u.index_select(-1, _idct_output_index(n, coeffs.device))
+    return u.index_select(-1, fft_tables.idct_output_index(n, coeffs.device))
 
 
 def dct(x: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Orthonormal DCT-II along the last dimension (``scipy.fft.dct(x, norm="ortho")``)."""
     n = x.shape[-1]
     if _use_fft((n,), method, x.device):
-        return _dct_fft_lastdim(x)
+        return dct_lastdim(x)
     return x @ dct_basis(n, x.dtype, x.device).T
 
 
@@ -215,7 +147,7 @@ def idct(x: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Orthonormal DCT-III along the last dimension, the inverse of :func:`dct`."""
     n = x.shape[-1]
     if _use_fft((n,), method, x.device):
-        return _idct_fft_lastdim(x)
+        return idct_lastdim(x)
     return x @ dct_basis(n, x.dtype, x.device)
 
 
@@ -223,7 +155,7 @@ def dct2(weight: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Coefficients ``S = C_m W C_n^T`` of an m x n matrix (``scipy.fft.dctn(W, norm="ortho")``)."""
     m, n = weight.shape[-2:]
     if _use_fft((m, n), method, weight.device):
-        return _dct_fft_lastdim(_dct_fft_lastdim(weight).transpose(-1, -2)).transpose(-1, -2)
+        return dct_lastdim(dct_lastdim(weight).transpose(-1, -2)).transpose(-1, -2)
     return dct_basis(m, weight.dtype, weight.device) @ weight @ dct_basis(n, weight.dtype, weight.device).T
 
 
@@ -231,7 +163,7 @@ def idct2(coeffs: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """The matrix ``W = C_m^T S C_n`` of an m x n coefficient matrix (``scipy.fft.idctn(S, norm="ortho")``)."""
     m, n = coeffs.shape[-2:]
     if _use_fft((m, n), method, coeffs.device):
-        return _idct_fft_lastdim(_idct_fft_lastdim(coeffs).transpose(-1, -2)).transpose(-1, -2)
+        return idct_lastdim(idct_lastdim(coeffs).transpose(-1, -2)).transpose(-1, -2)
     return dct_basis(m, coeffs.dtype, coeffs.device).T @ coeffs @ dct_basis(n, coeffs.dtype, coeffs.device)
 
 

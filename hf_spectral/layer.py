@@ -19,12 +19,13 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import compute_paths
-from .bases import basis_matrix
-from .dct import dct2
-from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices
+from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
+from .compute import cost_model, dispatch
+from .compute.functions import matrix, transform_dtype
+from .layouts import DATA_DEPENDENT_LAYOUTS
+from .weight_cache import WeightCache
 
-COMPUTE_PATHS = compute_paths.PATHS
+COMPUTE_PATHS = dispatch.PATHS
 
 
 @dataclass(frozen=True)
@@ -37,43 +38,6 @@ class AdapterSettings:
     seed: int
     scaling: float
     block: Optional[tuple[int, int]]  # (p, q) for the lowfreq layout, else None
-
-
-def _transform_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The transform runs in float32 (float64 for float64 models): torch's FFTs refuse half
-    # precision on CPU, and bf16 sums over thousands of coefficients lose too much.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _WeightCache:
-    """The rebuilt weight of a layer's active adapters, with what it was built from.
-
-    Valid while the active adapters, the dtype and device, inference mode, and every tensor it was built
-    from are unchanged: a tensor changed in place bumps its ``_version``, a tensor replaced (``p.data = ...``)
-    has another ``data_ptr``. A state-dict load drops it (see ``_load_from_state_dict``). Edits through
-    ``p.data`` in place, and under FSDP2 writes into the shards other than a state-dict load, are invisible
-    to both: call ``drop_weight_cache()`` after those.
-    """
-
-    __slots__ = ("active", "dtype", "device", "inference", "states", "weight", "base")
-
-    def __init__(self, layer, dtype, device, watched, weight):
-        active = layer._active_adapter
-        self.active = list(active) if isinstance(active, list) else active
-        self.dtype, self.device, self.weight = dtype, device, weight
-        self.inference = torch.is_inference_mode_enabled()
-        self.states = [(t, t._version, t.data_ptr()) for t in watched]
-        self.base = layer.get_base_layer()
-
-    def valid(self, layer, dtype, device) -> bool:
-        if layer._active_adapter != self.active or dtype != self.dtype or device != self.device:
-            return False
-        if torch.is_inference_mode_enabled() != self.inference:
-            return False
-        return all(t._version == version and t.data_ptr() == ptr for t, version, ptr in self.states)
-
-    def needs_grad(self) -> bool:
-        return any(t.requires_grad for t, _, _ in self.states)
 
 
 class SpectralLayer(BaseTunerLayer):
@@ -90,14 +54,16 @@ class SpectralLayer(BaseTunerLayer):
         self.spectral_settings: dict[str, AdapterSettings] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        # how forward computes: "auto" (the cheapest by compute_paths' cost model) or a forced path
+        # how forward computes: "auto" (the cheapest by the cost model, compute/cost_model.py) or a forced path
         self.compute_path = "auto"
         self.last_compute_path: Optional[str] = None  # what the last forward did (for tests and benchmarks)
         # Evaluation reuses the rebuilt weight while the coefficients, the base weight and the active
         # adapters are unchanged: one extra dense weight per layer, dropped when training resumes.
         self.cache_weights = True
-        self._weight_cache: Optional[_WeightCache] = None
-        self._plans: dict[str, tuple] = {}
+        # how the DCT transforms run: "auto" (the cheaper by the cost model), "fft" or "matmul" (for tests)
+        self.transform = "auto"
+        self._weight_cache: Optional[WeightCache] = None
+        self._spaces: dict[str, CoefficientSpace] = {}
         self._path_memo: dict[tuple, str] = {}
         self.kwargs = kwargs
 
@@ -130,25 +96,20 @@ class SpectralLayer(BaseTunerLayer):
             init = "project" if from_pretrained else "random"
 
         weight = self._dense_weight()
-        if weight is None and (layout in DATA_DEPENDENT_LAYOUTS or init == "project"):
-            need = f"layout={layout!r}" if layout in DATA_DEPENDENT_LAYOUTS else "init_weights='project'"
+        if weight is None and init == "project":
             raise ValueError(
-                f"{need} reads the existing weight of {module_key!r}, but that layer has none (it is on the meta "
-                "device, or a replace-mode adapter released it). Load the model with its weights, or use "
-                "layout='random'/'lowfreq'/'triangle' with init_weights='random'."
+                f"init_weights='project' reads the existing weight of {module_key!r}, but that layer has none (it is "
+                "on the meta device, or a replace-mode adapter released it). Load the model with its weights, or use "
+                "init_weights='random'."
             )
         device = weight.device if weight is not None else torch.device("cpu")
-        dtype = _transform_dtype(weight.dtype if weight is not None else torch.float32)
-        analysed = None
-        if layout in DATA_DEPENDENT_LAYOUTS:
-            analysed = self._analyse(weight.to(dtype), basis, seed)
-
-        indices = select_indices(
-            layout, m, n, k, seed=seed, coefficients=analysed,
-            rings=config.banded_rings, energy_share=config.banded_energy_share,
+        dtype = transform_dtype(weight.dtype if weight is not None else torch.float32)
+        weight = None if weight is None else weight.detach().to(dtype)
+        space = make_space(
+            m, n, k, layout=layout, basis=basis, seed=seed, weight=weight, rings=config.banded_rings,
+            energy_share=config.banded_energy_share, name=module_key,
         )
-        block = lowfreq_block(m, n, k) if layout == "lowfreq" else None
-        count = indices.numel()
+        count = space.k
 
         if mode == "delta":
             if init:
@@ -158,34 +119,21 @@ class SpectralLayer(BaseTunerLayer):
                 std = 0.1 * math.sqrt(m / count) / (abs(config.scaling) or 1.0)
                 values = torch.randn(count, dtype=dtype) * std
         elif init == "project":
-            if analysed is None:  # a structured layout: analyse only the block (or all) of the weight
-                analysed = self._analyse(weight.to(dtype), basis, seed, block)
-            values = analysed.reshape(-1) if block else analysed.reshape(-1)[indices.to(analysed.device)]
+            values = space.from_matrix(weight)
         else:  # "random" or False: the rebuilt weight gets the variance of the existing weight
-            std = float(weight.detach().float().std()) if weight is not None and weight.numel() > 1 else 1 / math.sqrt(3 * n)
+            std = float(weight.std()) if weight is not None and weight.numel() > 1 else 1 / math.sqrt(3 * n)
             values = torch.randn(count, dtype=dtype) * std * math.sqrt(m * n / count)
 
         self.spectral_coefficients[adapter_name] = nn.Parameter(values.to(device=device, dtype=dtype))
         if layout in DATA_DEPENDENT_LAYOUTS:
-            self.spectral_indices[adapter_name] = indices.to(device)
-        elif block is None:
-            self.spectral_fixed_indices[adapter_name] = indices.to(device)
+            self.spectral_indices[adapter_name] = space.indices.to(device)
+        elif space.block is None:
+            self.spectral_fixed_indices[adapter_name] = space.indices.to(device)
         self.spectral_settings[adapter_name] = AdapterSettings(
-            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=block
+            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block
         )
+        self._spaces.pop(adapter_name, None)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def _analyse(
-        self, weight: torch.Tensor, basis: str, seed: int, block: Optional[tuple[int, int]] = None
-    ) -> torch.Tensor:
-        """Coefficients of an out x in weight: all of them, or the top-left ``block``."""
-        m, n = weight.shape
-        if block is None and basis == "dct":
-            return dct2(weight)
-        p, q = block if block else (m, n)
-        b_m = basis_matrix(basis, m, seed, weight.dtype, weight.device)[:p]
-        b_n = basis_matrix(basis, n, seed, weight.dtype, weight.device)[:q]
-        return b_m @ weight @ b_n.T
 
     def release_base_weight(self) -> None:
         """Replace mode: drop the dense weight; the layer now lives in coefficient space."""
@@ -201,25 +149,19 @@ class SpectralLayer(BaseTunerLayer):
             return self.spectral_indices[adapter]
         return self.spectral_fixed_indices[adapter]
 
-    def _bases(self, adapter: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        settings = self.spectral_settings[adapter]
-        return (
-            basis_matrix(settings.basis, self.out_features, settings.seed, dtype, device),
-            basis_matrix(settings.basis, self.in_features, settings.seed, dtype, device),
-        )
-
-    def _plan(self, adapter: str) -> compute_paths.SpectralPlan:
-        """The adapter's shapes, basis and index set for the compute paths (kept while the indices are)."""
+    def coefficient_space(self, adapter: str) -> CoefficientSpace:
+        """The adapter's basis, index set and transforms; rebuilt when its index set moved or was reloaded."""
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}.")
         settings = self.spectral_settings[adapter]
         indices = None if settings.block is not None else self._indices(adapter)
-        key = (settings, None if indices is None else (indices.data_ptr(), indices._version, indices.device))
-        cached = self._plans.get(adapter)
+        key = None if indices is None else (id(indices), indices._version, indices.device)
+        cached = self._spaces.get(adapter)
         if cached is None or cached[0] != key:
-            plan = compute_paths.SpectralPlan(
-                self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices
-            )
-            cached = self._plans[adapter] = (key, plan)
+            space = CoefficientSpace(self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices)
+            cached = self._spaces[adapter] = (key, space)
             self._path_memo.clear()
+        cached[1].transform = self.transform
         return cached[1]
 
     def rebuild(self, adapter: str) -> torch.Tensor:
@@ -228,9 +170,9 @@ class SpectralLayer(BaseTunerLayer):
         Differentiable; its backward is the adjoint transform. Matmuls or FFTs, whichever is cheaper.
         """
         coefficients = self.spectral_coefficients[adapter]
-        dtype = _transform_dtype(coefficients.dtype)
+        dtype = transform_dtype(coefficients.dtype)
         with torch.autocast(device_type=coefficients.device.type, enabled=False):
-            return compute_paths.rebuild(self._plan(adapter), coefficients.to(dtype))
+            return matrix(self.coefficient_space(adapter), coefficients.to(dtype))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """What the adapter adds to the base weight, in the base weight's layout (in x out for Conv1D)."""
@@ -240,9 +182,6 @@ class SpectralLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------
     # replace-mode rules
-
-    def replace_adapters(self) -> list[str]:
-        return [a for a, s in self.spectral_settings.items() if s.mode == "replace"]
 
     def _require_base_weight(self, action: str) -> None:
         if self.get_base_layer().weight is None:
@@ -272,10 +211,10 @@ class SpectralLayer(BaseTunerLayer):
             watched += [self._indices(a) for a in active if self.spectral_settings[a].block is None]
             if self.get_base_layer().weight is not None:
                 watched.append(self.get_base_layer().weight)
-            self._weight_cache = _WeightCache(self, dtype, device, watched, weight)
+            self._weight_cache = WeightCache(self, dtype, device, watched, weight)
         return self._weight_cache.weight
 
-    def _forward_cached(self, x: torch.Tensor, cache: "_WeightCache") -> Optional[torch.Tensor]:
+    def _forward_cached(self, x: torch.Tensor, cache: WeightCache) -> Optional[torch.Tensor]:
         """The lean path of evaluation: one F.linear with the cached weight, or None if the cache is stale."""
         if self._disable_adapters or self.merged_adapters or not self.cache_weights:
             return None
@@ -312,7 +251,7 @@ class SpectralLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.drop_weight_cache()
-        self._plans.pop(adapter_name, None)
+        self._spaces.pop(adapter_name, None)
         self._path_memo.clear()
         super().delete_adapter(adapter_name)
 
@@ -400,7 +339,7 @@ class SpectralLinear(nn.Module, SpectralLayer):
             self.drop_weight_cache()  # training rebuilds every step; the cache would only hold memory
         return super().train(mode)
 
-    def _choose_path(self, adapter: str, plan, tokens: int, x: torch.Tensor, coefficient_grad: bool) -> str:
+    def _choose_path(self, adapter: str, space: CoefficientSpace, tokens: int, x: torch.Tensor, coefficient_grad: bool) -> str:
         if self.compute_path != "auto":
             return self.compute_path
         input_grad = torch.is_grad_enabled() and x.requires_grad
@@ -409,8 +348,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
         path = self._path_memo.get(key)
         if path is None:
             mode = self.spectral_settings[adapter].mode
-            path = compute_paths.choose_path(
-                plan, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half
+            path = cost_model.choose_path(
+                space, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half
             )
             if len(self._path_memo) > 64:
                 self._path_memo.clear()
@@ -461,16 +400,16 @@ class SpectralLinear(nn.Module, SpectralLayer):
             adapter = active[0]
             settings = self.spectral_settings[adapter]
             values = self.spectral_coefficients[adapter]
-            values = values.to(_transform_dtype(values.dtype))
-            plan = self._plan(adapter)
+            values = values.to(transform_dtype(values.dtype))
+            space = self.coefficient_space(adapter)
             tokens = x.numel() // max(x.shape[-1], 1)
-            path = self._choose_path(adapter, plan, tokens, x, coefficient_grad)
+            path = self._choose_path(adapter, space, tokens, x, coefficient_grad)
             object.__setattr__(self, "last_compute_path", path)
-            return compute_paths.run_path(
+            return dispatch.run_path(
                 path,
                 x,
                 values,
-                plan,
+                space,
                 base_weight=None if settings.mode == "replace" else base.weight,
                 bias=bias,
                 scaling=settings.scaling if settings.mode == "delta" else 1.0,

@@ -21,17 +21,43 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._peft_registry import PEFT_KEY_PREFIX, PREFIX
 from .config import SpectralConfig
-from .layer import SpectralLayer, SpectralLinear
+from .ecosystem.adapter_files import INDICES_SUFFIX
+from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 from .layouts import validate_indices
 
-PEFT_PREFIX = "base_model.model."
+__all__ = ["SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache"]
 
 
-def _tuner_layers(model: nn.Module):
+def spectral_layers(model: nn.Module):
+    """(name, layer) of every spectral layer of ``model`` (a PeftModel or the model inside it), in model order."""
     for name, module in model.named_modules():
         if isinstance(module, SpectralLayer):
             yield name, module
+
+
+
+def set_compute_path(model: nn.Module, path: str) -> int:
+    """Force one compute path (or ``"auto"``) on every spectral layer of ``model``; returns how many.
+
+    For tests and benchmarks: every path computes the same function, ``auto`` the cheapest one.
+    """
+    if path not in COMPUTE_PATHS:
+        raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}.")
+    layers = [layer for _, layer in spectral_layers(model)]
+    for layer in layers:
+        layer.compute_path = path
+    return len(layers)
+
+
+def set_weight_cache(model: nn.Module, enabled: bool) -> int:
+    """Turn the evaluation-time weight cache of every spectral layer on or off (dropping what it holds)."""
+    layers = [layer for _, layer in spectral_layers(model)]
+    for layer in layers:
+        layer.cache_weights = bool(enabled)
+        layer.drop_weight_cache()
+    return len(layers)
 
 
 def _shape_of(module: nn.Module) -> tuple[int, int] | None:
@@ -47,7 +73,7 @@ def _shape_of(module: nn.Module) -> tuple[int, int] | None:
 class SpectralModel(BaseTuner):
     """Creates spectral (DCT-coefficient) layers in a model; use it through ``peft.get_peft_model``."""
 
-    prefix: str = "spectral_"
+    prefix: str = PREFIX
     tuner_layer_cls = SpectralLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -124,7 +150,7 @@ class SpectralModel(BaseTuner):
             _remove_adapter_layers(model, adapter_name)
             raise
         if self.peft_config[adapter_name].mode == "replace":
-            for _, layer in _tuner_layers(model):
+            for _, layer in spectral_layers(model):
                 if adapter_name in layer.spectral_settings and layer.get_base_layer().weight is not None:
                     layer.release_base_weight()
 
@@ -152,8 +178,8 @@ class SpectralModel(BaseTuner):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # Record every spectral layer's shape, so a load into a model of other shapes fails early.
         config.layer_shapes = {
-            name.removeprefix(PEFT_PREFIX): [layer.out_features, layer.in_features]
-            for name, layer in _tuner_layers(model)
+            name.removeprefix(PEFT_KEY_PREFIX): [layer.out_features, layer.in_features]
+            for name, layer in spectral_layers(model)
             if adapter_name in layer.spectral_coefficients
         }
         if config.mode == "replace" and config.train_non_spectral:
@@ -166,10 +192,10 @@ class SpectralModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # Check saved index sets before anything is loaded: a corrupt file must not half-load.
-        layers = {name.removeprefix(PEFT_PREFIX): layer for name, layer in _tuner_layers(model)}
+        layers = {name.removeprefix(PEFT_KEY_PREFIX): layer for name, layer in spectral_layers(model)}
         for key, value in state_dict.items():
-            if key.endswith(".spectral_indices"):
-                layer_name = key.removesuffix(".spectral_indices").removeprefix(PEFT_PREFIX)
+            if key.endswith(INDICES_SUFFIX):
+                layer_name = key.removesuffix(INDICES_SUFFIX).removeprefix(PEFT_KEY_PREFIX)
                 layer = layers.get(layer_name)
                 if layer is None:
                     continue
@@ -226,7 +252,7 @@ class SpectralModel(BaseTuner):
 
 def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
     """Take an adapter out again: layers that hold only it go back to their base layers."""
-    for name, layer in list(_tuner_layers(model)):
+    for name, layer in list(spectral_layers(model)):
         if adapter_name not in layer.spectral_settings:
             continue
         if set(layer.spectral_settings) == {adapter_name}:

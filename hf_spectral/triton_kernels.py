@@ -1,20 +1,16 @@
 """Triton kernels around cuFFT for the FFT-based DCT (optional: used on CUDA when Triton imports).
 
-The DCT through a real FFT (``dct._dct_fft_lastdim``) is, in plain PyTorch, a gather, the FFT, a
+The DCT through a real FFT (``dct.dct_lastdim``) is, in plain PyTorch, a gather, the FFT, a
 complex twiddle product, and a gather with a sign flip on the way out: about eleven passes over
 memory besides the FFT. On a GPU, where the matmuls around it take a fraction of a millisecond,
-those passes dominate. Each kernel here fuses the elementwise work on one side of the FFT into one
-pass:
+those passes dominate. The kernel here fuses the elementwise work after the FFT into one pass:
 
 - ``dct_lastdim``: gather (torch) -> rfft (cuFFT) -> one kernel: twiddle, scale, real/imaginary
-  selection, sign, truncation to ``keep`` outputs and, optionally, the transpose;
-- ``idct_lastdim``: one kernel: zero padding, the (y_k, y_{n-k}) pairing and the twiddle, reading
-  any strided 2-D input -> irfft (cuFFT) -> gather (torch).
+  selection, sign, truncation to ``keep`` outputs and, optionally, the transpose.
 
 Measured on an H100 (``benchmarks/transforms.py``, T = 4096 rows, float32): the fused DCT is 1.2-1.3x
 faster than PyTorch's passes at n = 2048-4096 and 1.5-1.7x with the transposed output the sampled
-gradient needs (par at n = 768); the fused inverse measured 0.6-0.7x, slower, so ``dct`` uses only the
-forward kernel and ``idct_lastdim`` stays here for reference.
+gradient needs (par at n = 768). A fused inverse was slower than PyTorch's passes (``benchmarks/README.md``).
 
 Results equal the PyTorch implementation to float32 rounding (checked in ``tests/test_compute_paths.py``
 on a GPU). Nothing here is needed on a CPU; without Triton every caller falls back to PyTorch.
@@ -26,6 +22,8 @@ import os
 
 import torch
 
+from . import fft_tables
+
 try:  # Triton is optional
     import triton
     import triton.language as tl
@@ -34,7 +32,7 @@ try:  # Triton is optional
 except ImportError:  # pragma: no cover - depends on the installation
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "usable", "dct_lastdim", "idct_lastdim"]
+__all__ = ["HAS_TRITON", "usable", "dct_lastdim"]
 
 # Set HF_SPECTRAL_DISABLE_TRITON=1 (or triton_kernels.enabled = False) to use plain PyTorch on CUDA too.
 enabled = os.environ.get("HF_SPECTRAL_DISABLE_TRITON", "") in ("", "0")
@@ -68,36 +66,16 @@ if HAS_TRITON:
         y = tl.where(head, vr * c - vi * s, -(vr * s + vi * c))
         tl.store(out_ptr + r * stride_out_r + j * stride_out_j, y, mask=mask)
 
-    @triton.jit
-    def _idct_pre_kernel(
-        c_ptr, tw_ptr, spec_ptr, rows, n, half, q, stride_c_r, stride_c_k,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # spec[r, k] = tw[k] * (c[r, k] + i c[r, n - k]), with entries past q (and c[r, n] for k = 0) zero
-        r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None].to(tl.int64)
-        k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :].to(tl.int64)
-        mask = (r < rows) & (k < half)
-        a = tl.load(c_ptr + r * stride_c_r + k * stride_c_k, mask=mask & (k < q), other=0.0)
-        mirror = n - k
-        b = tl.load(c_ptr + r * stride_c_r + mirror * stride_c_k, mask=mask & (k > 0) & (mirror < q), other=0.0)
-        tr = tl.load(tw_ptr + 2 * k, mask=mask, other=0.0)
-        ti = tl.load(tw_ptr + 2 * k + 1, mask=mask, other=0.0)
-        offset = r * (2 * half) + 2 * k
-        tl.store(spec_ptr + offset, tr * a - ti * b, mask=mask)
-        tl.store(spec_ptr + offset + 1, ti * a + tr * b, mask=mask)
-
 
 _BLOCK_R, _BLOCK_J = 32, 64
 
 
 def dct_lastdim(x: torch.Tensor, keep: int, transpose: bool = False) -> torch.Tensor:
-    """``dct._dct_fft_lastdim`` for a 2-D float32 ``x`` with the twiddle pass fused (see module doc)."""
-    from .dct import _reorder_index, _scaled_twiddle
-
+    """``dct.dct_lastdim`` for a 2-D float32 ``x`` with the twiddle pass fused (see module doc)."""
     rows, n = x.shape
     half = n // 2 + 1
-    spec = torch.fft.rfft(x.index_select(-1, _reorder_index(n, x.device)), dim=-1)
-    twiddle = torch.view_as_real(_scaled_twiddle(n, False, torch.float32, x.device))
+    spec = torch.fft.rfft(x.index_select(-1, fft_tables.reorder_index(n, x.device)), dim=-1)
+    twiddle = torch.view_as_real(fft_tables.scaled_twiddle(n, False, torch.float32, x.device))
     out = torch.empty((keep, rows) if transpose else (rows, keep), device=x.device, dtype=torch.float32)
     stride_r, stride_j = (1, rows) if transpose else (keep, 1)
     grid = (triton.cdiv(rows, _BLOCK_R), triton.cdiv(keep, _BLOCK_J))
@@ -107,19 +85,3 @@ def dct_lastdim(x: torch.Tensor, keep: int, transpose: bool = False) -> torch.Te
     )
     return out
 
-
-def idct_lastdim(coeffs: torch.Tensor, n: int) -> torch.Tensor:
-    """``dct._idct_fft_lastdim`` for 2-D float32 ``coeffs`` (any strides) with the pairing pass fused."""
-    from .dct import _idct_output_index, _scaled_twiddle
-
-    rows, q = coeffs.shape
-    half = n // 2 + 1
-    twiddle = torch.view_as_real(_scaled_twiddle(n, True, torch.float32, coeffs.device))
-    spec = torch.empty((rows, half), device=coeffs.device, dtype=torch.complex64)
-    grid = (triton.cdiv(rows, _BLOCK_R), triton.cdiv(half, _BLOCK_J))
-    _idct_pre_kernel[grid](
-        coeffs, twiddle, torch.view_as_real(spec), rows, n, half, q, coeffs.stride(0), coeffs.stride(1),
-        BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_J,
-    )
-    u = torch.fft.irfft(spec, n=n, dim=-1)
-    return u.index_select(-1, _idct_output_index(n, coeffs.device))

@@ -1,14 +1,17 @@
 """Every compute path gives the reference's outputs and gradients; the weight cache follows every change;
 no path keeps more than one m x n buffer for backward; replace mode's resident size falls with K."""
 
+import contextlib
+
 import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_spectral import SpectralConfig, SpectralLinear, compute_paths
+from hf_spectral import CoefficientSpace, SpectralConfig, SpectralLinear, set_compute_path, set_weight_cache
 from hf_spectral.bases import basis_matrix
+from hf_spectral.compute import cost_model, dispatch, functions
 
 M, N = 21, 34  # odd and even, so both FFT branches are taken
 TOKENS = (2, 5)  # T = 10 < M, N: activations are smaller than one M x N buffer
@@ -52,6 +55,16 @@ def _reference(layer, x, adapter="default"):
     return out if base.bias is None else out + base.bias.double()
 
 
+@contextlib.contextmanager
+def forced_transform(layer, transform):
+    """Within the block the layer's DCT transforms run as ``transform`` ("fft", "matmul" or "auto")."""
+    previous, layer.transform = layer.transform, transform
+    try:
+        yield
+    finally:
+        layer.transform = previous
+
+
 def _outputs_and_grads(fn, layer, x, upstream):
     params = [layer.spectral_coefficients["default"]]
     bias = layer.get_base_layer().bias
@@ -77,12 +90,12 @@ def test_every_path_gives_the_reference_outputs_and_gradients(mode, layout, basi
     x = torch.randn(*TOKENS, N, dtype=torch.float64)
     upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
     expected, expected_grads = _outputs_and_grads(lambda t: _reference(layer, t), layer, x, upstream)
-    paths = compute_paths.available_paths(layer._plan("default"), mode)
+    paths = dispatch.available_paths(layer.coefficient_space("default"), mode)
     assert ("factored" in paths) == (layout == "lowfreq") and ("spectral" in paths) == (basis == "dct")
     for transform in ("matmul", "fft"):
         for path in paths:
             layer.compute_path = path
-            with compute_paths.forced_transform(transform if basis == "dct" else None):
+            with forced_transform(layer, transform if basis == "dct" else "auto"):
                 out, grads = _outputs_and_grads(layer, layer, x, upstream)
             assert layer.last_compute_path == path
             where = f"{path} ({transform})"
@@ -96,7 +109,7 @@ def test_paths_in_float32_and_under_bf16_autocast(mode, layout):
     layer = _layer(mode, layout, dtype=torch.float32)
     x = torch.randn(*TOKENS, N)
     expected = _reference(layer, x)
-    for path in compute_paths.available_paths(layer._plan("default"), mode):
+    for path in dispatch.available_paths(layer.coefficient_space("default"), mode):
         layer.compute_path = path
         torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-4, msg=path)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -146,9 +159,9 @@ def test_no_path_keeps_more_than_one_dense_buffer_for_backward(mode, layout):
     layer = _layer(mode, layout)
     x = torch.randn(*TOKENS, N, dtype=torch.float64, requires_grad=True)
     for transform in ("matmul", "fft"):
-        for path in compute_paths.available_paths(layer._plan("default"), mode):
+        for path in dispatch.available_paths(layer.coefficient_space("default"), mode):
             layer.compute_path = path
-            with compute_paths.forced_transform(transform):
+            with forced_transform(layer, transform):
                 saved = _big_saved_tensors(layer, x)
             expected = 0 if path in ("factored", "spectral") else 1  # the merged weight, or the update
             assert len(saved) == expected, (path, transform, saved)
@@ -290,18 +303,18 @@ def test_model_switches_and_merge_and_unload_leave_plain_linear_layers():
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
     peft_model = get_peft_model(model, SpectralConfig(n_coefficients=50, init_weights=False, target_modules=["0", "2"]))
     x = torch.randn(4, 16)
-    assert compute_paths.set_compute_path(peft_model, "sampled") == 2
+    assert set_compute_path(peft_model, "sampled") == 2
     training = peft_model(x)
-    assert compute_paths.set_weight_cache(peft_model, False) == 2
+    assert set_weight_cache(peft_model, False) == 2
     with torch.no_grad():
         uncached = peft_model(x)
-    compute_paths.set_weight_cache(peft_model, True)
+    set_weight_cache(peft_model, True)
     with torch.no_grad():
         cached = peft_model(x)
     torch.testing.assert_close(uncached, training.detach())
     torch.testing.assert_close(cached, training.detach())
     with pytest.raises(ValueError, match="compute path must be one of"):
-        compute_paths.set_compute_path(peft_model, "fast")
+        set_compute_path(peft_model, "fast")
     merged = peft_model.merge_and_unload()
     assert type(merged[0]) is nn.Linear and type(merged[2]) is nn.Linear
     with torch.no_grad():
@@ -317,8 +330,8 @@ def test_auto_takes_the_cheapest_path_of_the_cost_model():
         if layout == "lowfreq":
             from hf_spectral.layouts import lowfreq_block
 
-            return compute_paths.SpectralPlan(m, n, "dct", 0, lowfreq_block(m, n, k), None)
-        return compute_paths.SpectralPlan(m, n, "dct", 0, None, torch.arange(k))  # positions do not change costs
+            return CoefficientSpace(m, n, "dct", 0, block=lowfreq_block(m, n, k))
+        return CoefficientSpace(m, n, "dct", 0, indices=torch.arange(k))  # positions do not change costs
 
     for device in ("cpu", "cuda"):
         for m, n, k, layout, mode in [
@@ -328,21 +341,21 @@ def test_auto_takes_the_cheapest_path_of_the_cost_model():
             (768, 768, 65536, "lowfreq", "delta"),
         ]:
             p = plan(m, n, k, layout)
-            costs = compute_paths.estimate_costs(p, mode, 4096, device)
-            chosen = compute_paths.choose_path(p, mode, 4096, device, coefficient_grad=True, input_grad=True)
-            allowed = compute_paths.DEVICE_COSTS[device].auto_paths
+            costs = cost_model.estimate_costs(p, mode, 4096, device)
+            chosen = cost_model.choose_path(p, mode, 4096, device, coefficient_grad=True, input_grad=True)
+            allowed = cost_model.DEVICE_COSTS[device].auto_paths
             assert chosen in allowed and costs[chosen] == min(v for key, v in costs.items() if key in allowed)
-            assert set(costs) == set(compute_paths.available_paths(p, mode))
+            assert set(costs) == set(dispatch.available_paths(p, mode))
         # a small block is never built into a dense weight when there are many tokens
         small_block = plan(2048, 2048, 2048 * 2048 // 8, "lowfreq")
-        assert compute_paths.choose_path(small_block, "replace", 4096, device, coefficient_grad=True, input_grad=True) in ("factored", "spectral")
+        assert cost_model.choose_path(small_block, "replace", 4096, device, coefficient_grad=True, input_grad=True) in ("factored", "spectral")
         # a full-rank random half of the coefficients is
         half_random = plan(2048, 2048, 2048 * 2048 // 2, "random")
-        assert compute_paths.choose_path(half_random, "replace", 4096, device, coefficient_grad=True, input_grad=True) == "dense"
+        assert cost_model.choose_path(half_random, "replace", 4096, device, coefficient_grad=True, input_grad=True) == "dense"
 
 
 def test_the_sampled_gradient_summed_over_token_chunks_is_the_same(monkeypatch):
-    monkeypatch.setattr(compute_paths, "sampled_chunk", lambda plan, tokens: 3)  # 10 tokens: chunks of 3, 3, 3, 1
+    monkeypatch.setattr(functions, "sampled_chunk", lambda space, tokens: 3)  # 10 tokens: chunks of 3, 3, 3, 1
     for layout in ("lowfreq", "random"):
         layer = _layer("delta", layout)
         layer.compute_path = "sampled"
@@ -350,7 +363,7 @@ def test_the_sampled_gradient_summed_over_token_chunks_is_the_same(monkeypatch):
         upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
         expected = _outputs_and_grads(lambda t, layer=layer: _reference(layer, t), layer, x, upstream)
         for transform in ("matmul", "fft"):
-            with compute_paths.forced_transform(transform):
+            with forced_transform(layer, transform):
                 got = _outputs_and_grads(layer, layer, x, upstream)
             for a, b in zip(got[1], expected[1], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -374,9 +387,9 @@ def test_every_path_on_cuda_gives_the_reference(mode, layout, dtype):
     layer.get_base_layer().to(dtype)
     tol = 2e-3 if dtype == torch.float32 else 5e-2
     for transform in ("matmul", "fft"):
-        for path in compute_paths.available_paths(layer._plan("default"), mode):
+        for path in dispatch.available_paths(layer.coefficient_space("default"), mode):
             layer.compute_path = path
-            with compute_paths.forced_transform(transform):
+            with forced_transform(layer, transform):
                 out, grads = _outputs_and_grads(layer, layer, x.to("cuda", dtype), upstream.to("cuda", dtype))
             where = f"{path} ({transform}, {dtype})"
             scale = expected.abs().max()
@@ -390,21 +403,18 @@ def test_every_path_on_cuda_gives_the_reference(mode, layout, dtype):
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 129, 1024])
 def test_fused_transforms_on_cuda_match_the_reference(n):
     from hf_spectral import triton_kernels
-    from hf_spectral.dct import _dct_fft_lastdim, _idct_fft_lastdim
+    from hf_spectral.dct import dct_lastdim, idct_lastdim
 
     x = torch.randn(33, n, dtype=torch.float64)
     for keep in sorted({1, n // 2, n // 2 + 1, n} - {0}):
-        expected = _dct_fft_lastdim(x, keep)
-        got = _dct_fft_lastdim(x.float().cuda(), keep)
+        expected = dct_lastdim(x, keep)
+        got = dct_lastdim(x.float().cuda(), keep)
         torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-4)
-        got_t = _dct_fft_lastdim(x.float().cuda(), keep, transpose=True)
+        got_t = dct_lastdim(x.float().cuda(), keep, transpose=True)
         torch.testing.assert_close(got_t.double().cpu(), expected.T, rtol=1e-4, atol=1e-4)
         c = torch.randn(keep, 33, dtype=torch.float64).T  # strided input
-        expected = _idct_fft_lastdim(c, n)
-        torch.testing.assert_close(_idct_fft_lastdim(c.float().cuda(), n).double().cpu(), expected, rtol=1e-4, atol=1e-4)
-        if triton_kernels.HAS_TRITON:
-            got = triton_kernels.idct_lastdim(c.float().cuda(), n)
-            torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+        expected = idct_lastdim(c, n)
+        torch.testing.assert_close(idct_lastdim(c.float().cuda(), n).double().cpu(), expected, rtol=1e-4, atol=1e-4)
     assert triton_kernels.usable(x.float().cuda()) == triton_kernels.HAS_TRITON
 
 
@@ -416,15 +426,13 @@ def test_fused_transform_kernels_in_the_triton_interpreter(monkeypatch):
     import importlib
 
     from hf_spectral import triton_kernels
-    from hf_spectral.dct import _dct_fft_lastdim, _idct_fft_lastdim
+    from hf_spectral.dct import dct_lastdim
 
     importlib.reload(triton_kernels)  # the interpreter is chosen when the kernels are defined
     for n in (1, 6, 17):
         x = torch.randn(5, n)
         for keep in sorted({1, n // 2 + 1, n} - {0}):
-            torch.testing.assert_close(triton_kernels.dct_lastdim(x, keep), _dct_fft_lastdim(x, keep))
-            c = torch.randn(keep, 5).T
-            torch.testing.assert_close(triton_kernels.idct_lastdim(c, n), _idct_fft_lastdim(c, n))
+            torch.testing.assert_close(triton_kernels.dct_lastdim(x, keep), dct_lastdim(x, keep))
 
 
 @cuda
@@ -433,7 +441,7 @@ def test_no_path_synchronises_with_the_host_on_cuda(mode, layout):
     layer = _layer(mode, layout, dtype=torch.float32).to("cuda")
     x = torch.randn(64, N, device="cuda", requires_grad=True)
     failures = []
-    for path in compute_paths.available_paths(layer._plan("default"), mode):
+    for path in dispatch.available_paths(layer.coefficient_space("default"), mode):
         layer.compute_path = path
         layer(x).sum().backward()  # warm the bases, index patterns and plans
         torch.cuda.synchronize()
@@ -451,7 +459,7 @@ def test_no_path_synchronises_with_the_host_on_cuda(mode, layout):
 
 def test_sparse_products_follow_unsorted_indices():
     indices = torch.randperm(M * N)[:50]  # e.g. read from a file written by other code: not sorted
-    plan = compute_paths.SpectralPlan(M, N, "dct", 0, None, indices)
+    plan = CoefficientSpace(M, N, "dct", 0, indices=indices)
     values = torch.randn(50, dtype=torch.float64)
     dense = torch.zeros(M * N, dtype=torch.float64).index_put((indices,), values).view(M, N)
     torch.testing.assert_close(plan.sparse_matrix(values).to_dense(), dense)

@@ -15,9 +15,10 @@ from typing import Optional
 
 import torch
 
-PEFT_PREFIX = "base_model.model."
-COEFFICIENTS_SUFFIX = ".spectral_coefficients"
-INDICES_SUFFIX = ".spectral_indices"
+from .._peft_registry import PEFT_KEY_PREFIX, PREFIX
+
+COEFFICIENTS_SUFFIX = f".{PREFIX}coefficients"
+INDICES_SUFFIX = f".{PREFIX}indices"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -149,11 +150,11 @@ def read_adapter(dir_or_repo: str, revision: Optional[str] = None, token=None) -
             for dim in handle.get_slice(key).get_shape():
                 numel *= dim
             if key.endswith(COEFFICIENTS_SUFFIX):
-                name = key.removesuffix(COEFFICIENTS_SUFFIX).removeprefix(PEFT_PREFIX)
+                name = key.removesuffix(COEFFICIENTS_SUFFIX).removeprefix(PEFT_KEY_PREFIX)
                 has_indices = key.removesuffix(COEFFICIENTS_SUFFIX) + INDICES_SUFFIX in keys
                 layers.append(LayerRecord(name, shapes.get(name), numel, has_indices))
             elif not key.endswith(INDICES_SUFFIX):
-                other[key.removeprefix(PEFT_PREFIX)] = numel
+                other[key.removeprefix(PEFT_KEY_PREFIX)] = numel
     if not layers:
         raise AdapterFileError(f"{weights} holds no spectral coefficients; the file does not match its config.")
     sizes = {
@@ -175,13 +176,11 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
 
     Delta mode: the update ``scaling * B_m^T S B_n`` that the adapter adds to the frozen weight.
     Replace mode: the layer's weight itself. Index sets are read from the file (energy, banded) or
-    recomputed from shape, budget and seed (random, lowfreq, triangle), as the layer does on load.
+    computed from shape, budget and seed (random, lowfreq, triangle) by the same function the layer uses.
     """
     from safetensors import safe_open
 
-    from ..bases import basis_matrix
-    from ..dct import idct2_scattered, scatter_coefficients
-    from ..layouts import select_indices
+    from ..coefficient_space import make_space
 
     config = _spectral_config(summary)
     wanted = None if names is None else set(names)
@@ -195,24 +194,22 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
                     "version of hf_spectral to record the shapes."
                 )
             m, n = layer.shape
-            key = PEFT_PREFIX + layer.name
+            key = PEFT_KEY_PREFIX + layer.name
             values = handle.get_tensor(key + COEFFICIENTS_SUFFIX).to(torch.float64)
-            if layer.has_saved_indices:
-                indices = handle.get_tensor(key + INDICES_SUFFIX).to(torch.int64)
-            else:
-                k = config.budget_for(layer.name, m, n)
-                indices = select_indices(config.layout, m, n, k, seed=config.seed)
-            if indices.numel() != values.numel():
+            saved = handle.get_tensor(key + INDICES_SUFFIX) if layer.has_saved_indices else None
+            try:
+                space = make_space(
+                    m, n, config.budget_for(layer.name, m, n), layout=config.layout, basis=config.basis,
+                    seed=config.seed, indices=saved, name=layer.name,
+                )
+            except ValueError as error:
+                raise AdapterFileError(f"{summary.path}: {error}") from None
+            if space.k != values.numel():
                 raise AdapterFileError(
                     f"Layer {layer.name!r} has {values.numel()} coefficients but its index set has "
-                    f"{indices.numel()}: the weights file and {CONFIG_NAME} do not belong together."
+                    f"{space.k}: the weights file and {CONFIG_NAME} do not belong together."
                 )
-            if config.basis == "dct":
-                matrix = idct2_scattered(values, indices, m, n)
-            else:
-                b_m = basis_matrix(config.basis, m, config.seed, torch.float64)
-                b_n = basis_matrix(config.basis, n, config.seed, torch.float64)
-                matrix = b_m.T @ scatter_coefficients(values, indices, m, n) @ b_n
+            matrix = space.to_matrix(values)
             if config.mode == "delta":
                 matrix = matrix * config.scaling
             yield layer, matrix

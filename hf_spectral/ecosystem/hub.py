@@ -6,15 +6,12 @@ no word of the method or of ``import hf_spectral``). :func:`push_to_hub` saves t
 writes the spectral card (:mod:`hf_spectral.model_card`) and uploads both in one commit.
 
 ``import hf_spectral`` also routes ``PeftModel.push_to_hub`` here for models whose adapters are
-all spectral (:func:`install_peft_push_to_hub`); every other PEFT model keeps transformers' own
-push. This is the only place outside ``_peft_registry.py`` that changes a PEFT class, and
-``tests/test_hub.py`` checks both routes against a local Hub server.
+all spectral (the patch is listed in ``_peft_registry.py``); every other PEFT model keeps
+transformers' own push. ``tests/test_hub.py`` checks both routes against a local Hub server.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import tempfile
 from typing import Optional
 
@@ -79,28 +76,3 @@ def push_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
-
-
-def install_peft_push_to_hub() -> None:
-    """Route ``PeftModel.push_to_hub`` to :func:`push_to_hub` for spectral models; idempotent."""
-    from peft import PeftModel
-
-    original = PeftModel.push_to_hub
-    if getattr(original, "_hf_spectral_original", None) is not None:
-        return
-    accepted = set(inspect.signature(push_to_hub).parameters) - {"model", "repo_id", "save_kwargs"}
-
-    @functools.wraps(original)
-    def spectral_aware_push_to_hub(self, repo_id, *args, **kwargs):
-        if not is_spectral_model(self):
-            return original(self, repo_id, *args, **kwargs)
-        if args:
-            raise TypeError("push_to_hub() takes repo_id as its only positional argument.")
-        kwargs.pop("max_shard_size", None)  # adapters are not sharded
-        unknown = set(kwargs) - accepted
-        if unknown:
-            raise TypeError(f"push_to_hub() got unexpected keyword argument(s) {sorted(unknown)}.")
-        return push_to_hub(self, repo_id, **kwargs)
-
-    spectral_aware_push_to_hub._hf_spectral_original = original
-    PeftModel.push_to_hub = spectral_aware_push_to_hub

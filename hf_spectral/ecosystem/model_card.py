@@ -71,7 +71,7 @@ def render_model_card(
     tags: Optional[list[str]] = None,
 ) -> str:
     """The README.md text (YAML metadata, then markdown) for a spectral adapter."""
-    from .. import __version__
+    from .._version import __version__
 
     config = summary.config
     base = base_model or summary.base_model

@@ -1,0 +1,240 @@
+"""The coefficient space of one adapter of one layer: its basis, its index set, and the maps between
+its K coefficients and the m x n matrix they stand for.
+
+A spectral weight is ``W = B_m^T S B_n`` with B an orthonormal basis (the DCT, or a seeded random
+orthonormal basis) and S zero outside an index set Omega of K positions. Omega is either a p x q block
+in the top-left corner (the ``lowfreq`` layout; coefficients in row-major p x q order) or K scattered
+flat positions ``row * n + col`` (every other layout; coefficients in the order of the positions).
+
+This module is the only one that turns coefficients into matrices and back (the transforms themselves
+live in ``dct`` and ``bases``). The layer, its compute paths, the optimiser, the adapter-file reader and
+the CLI all go through a :class:`CoefficientSpace`, built by :func:`make_space`, the one function that
+computes an index set from a layout.
+
+Because the basis is orthonormal, ``from_matrix`` is both the adjoint of ``to_matrix`` (it maps a weight
+gradient to the coefficients' gradient) and the L2 projection onto the space (the best K-coefficient
+approximation of a weight), and ``||W||^2 = ||S||^2`` (Parseval): the error of keeping S on Omega is
+``||W||^2 - ||S_Omega||^2``, with no second pass over the weight.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .bases import basis_matrix
+from .compute import cost_model
+from .dct import dct2, dct_lastdim, idct_lastdim
+from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices
+
+__all__ = ["CoefficientSpace", "make_space", "TRANSFORMS"]
+
+# how the transforms run: the cheaper of the two by the cost model, or one forced (for tests)
+TRANSFORMS = ("auto", "fft", "matmul")
+
+
+class CoefficientSpace:
+    """Basis, index set and transforms of one adapter of one m x n layer.
+
+    Args:
+        m, n: the weight's shape (out x in).
+        basis: ``"dct"`` or ``"random_orthonormal"``; ``seed`` seeds the random basis.
+        block: (p, q) for a top-left block, else None.
+        indices: the K sorted flat positions (a 1-D integer tensor) when ``block`` is None.
+
+    ``transform`` ("auto", "fft" or "matmul") chooses how the DCT runs; other bases always use matmuls.
+    """
+
+    def __init__(
+        self,
+        m: int,
+        n: int,
+        basis: str = "dct",
+        seed: int = 0,
+        block: Optional[tuple[int, int]] = None,
+        indices: Optional[torch.Tensor] = None,
+    ):
+        if (block is None) == (indices is None):
+            raise ValueError("A coefficient space has either a block (p, q) or scattered indices, not both or neither.")
+        self.m, self.n, self.basis, self.seed, self.block = m, n, basis, seed, block
+        self.indices = indices
+        self.k = block[0] * block[1] if block is not None else int(indices.numel())
+        self.transform = "auto"
+        self._sparse = {}
+
+    def __repr__(self) -> str:
+        where = f"block {self.block[0]}x{self.block[1]}" if self.block else f"{self.k} scattered positions"
+        return f"CoefficientSpace({self.m}x{self.n}, {self.basis}, {where})"
+
+    # -- the bases, and transforms of activations along the last dimension ---------------------------
+
+    def basis_rows(self, side: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The size x size basis of ``side`` ("out": m, "in": n), rows are basis vectors (cached, read-only)."""
+        return basis_matrix(self.basis, self.size(side), self.seed, dtype, device)
+
+    def size(self, side: str) -> int:
+        return self.m if side == "out" else self.n
+
+    def analyse(self, x: torch.Tensor, side: str, keep: int, method: str, transpose: bool = False) -> torch.Tensor:
+        """The first ``keep`` coefficients of ``x``'s rows in the basis of ``side``."""
+        if method == "fft":
+            return dct_lastdim(x, keep, transpose=transpose)
+        out = x @ self.basis_rows(side, x.dtype, x.device)[:keep].T
+        return out.T.contiguous() if transpose else out
+
+    def synthesise(self, c: torch.Tensor, side: str, method: str) -> torch.Tensor:
+        """Rows of length m or n from their first ``c.shape[-1]`` coefficients (the rest zero)."""
+        if method == "fft":
+            return idct_lastdim(c, self.size(side))
+        return c @ self.basis_rows(side, c.dtype, c.device)[: c.shape[-1]]
+
+    # -- coefficients <-> matrix ----------------------------------------------------------------------
+
+    def to_matrix(self, values: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
+        """The m x n matrix ``B_m^T S B_n`` of the K coefficients ``values`` (not differentiable; the compute
+        paths' ``matrix`` is)."""
+        m, n = self.m, self.n
+        method = method or self.weight_method(values.device)
+        if self.block is not None:
+            p, q = self.block
+            s = values.view(p, q)
+            if method == "fft":  # rows first (p x n), then columns (n x m), transposed back
+                return self.synthesise(self.synthesise(s, "in", "fft").T, "out", "fft").T
+            b_m, b_n = self.basis_rows("out", s.dtype, s.device)[:p], self.basis_rows("in", s.dtype, s.device)[:q]
+            if m * p * q + m * q * n <= p * q * n + p * n * m:
+                return (b_m.T @ s) @ b_n
+            return b_m.T @ (s @ b_n)
+        full = values.new_zeros(m * n).index_put_((self.indices,), values).view(m, n)
+        if method == "fft":
+            return self.synthesise(self.synthesise(full, "in", "fft").T, "out", "fft").T
+        return self.basis_rows("out", full.dtype, full.device).T @ full @ self.basis_rows("in", full.dtype, full.device)
+
+    def from_matrix(self, matrix: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
+        """The K coefficients of an m x n matrix on the index set: the adjoint of :meth:`to_matrix` (a weight
+        gradient to the coefficients' gradient) and the best approximation of a weight on the set."""
+        method = method or self.weight_method(matrix.device)
+        if self.block is not None:
+            p, q = self.block
+            if method == "fft":
+                return self.analyse(self.analyse(matrix, "in", q, "fft").T, "out", p, "fft").T.reshape(-1)
+            b_m = self.basis_rows("out", matrix.dtype, matrix.device)[:p]
+            b_n = self.basis_rows("in", matrix.dtype, matrix.device)[:q]
+            return (b_m @ matrix @ b_n.T).reshape(-1)
+        return self.all_coefficients(matrix, method).reshape(-1)[self.indices]
+
+    def all_coefficients(self, matrix: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
+        """Every coefficient of an m x n matrix in this space's basis (m x n), ignoring the index set."""
+        method = method or self.weight_method(matrix.device)
+        if self.basis == "dct":
+            return dct2(matrix, method=method)
+        b_m, b_n = self.basis_rows("out", matrix.dtype, matrix.device), self.basis_rows("in", matrix.dtype, matrix.device)
+        return b_m @ matrix @ b_n.T
+
+    # -- which implementation: matmuls or FFTs ---------------------------------------------------------
+
+    def weight_method(self, device: torch.device) -> str:
+        """fft or matmul for ``to_matrix`` / ``from_matrix``, whichever the cost model finds cheaper."""
+        if self.basis != "dct":
+            return "matmul"
+        if self.transform != "auto":
+            return self.transform
+        costs = cost_model.costs_for(device.type)
+        return min(("matmul", "fft"), key=lambda method: cost_model.weight_cost(self, costs, method))
+
+    def activation_method(self, side: str, keep: int, device: torch.device, rows: int) -> str:
+        """fft or matmul for a float32 transform of ``rows`` activations, whichever is cheaper."""
+        if self.basis != "dct":
+            return "matmul"
+        if self.transform != "auto":
+            return self.transform
+        costs = cost_model.costs_for(device.type)
+        size = self.size(side)
+        return min(("matmul", "fft"), key=lambda method: cost_model.transform_cost(costs, rows, size, keep, method))
+
+    # -- scattered positions as sparse matrices (built once per device) -------------------------------
+
+    def sparse_pattern(self, device: torch.device, transposed: bool = False):
+        """(crow, col, order) of S as an m x n CSR matrix (or of S^T as n x m), built once per device.
+
+        ``order`` maps CSR positions to coefficient positions (csr_values = values[order]); it is None when
+        the flat indices are already sorted, as every layout makes them. Built only by the paths that use
+        them (sampled and spectral, scattered layouts): about 8 bytes per coefficient each.
+        """
+        key = (device.type, device.index, transposed)
+        if key not in self._sparse:
+            flat = self.indices.to("cpu", torch.int64)
+            rows, cols, size = (flat % self.n, flat // self.n, self.n) if transposed else (flat // self.n, flat % self.n, self.m)
+            order = torch.argsort(rows * max(self.m, self.n) + cols)
+            if bool((order == torch.arange(order.numel())).all()):
+                order = None
+            crow = torch.zeros(size + 1, dtype=torch.int64)
+            crow[1:] = torch.bincount(rows, minlength=size).cumsum(0)
+            col = cols if order is None else cols[order]
+            self._sparse[key] = (crow.to(device), col.contiguous().to(device), None if order is None else order.to(device))
+        return self._sparse[key]
+
+    def sparse_matrix(self, values: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        crow, col, order = self.sparse_pattern(values.device, transposed)
+        shape = (self.n, self.m) if transposed else (self.m, self.n)
+        return _csr(crow, col, values if order is None else values[order], shape)
+
+    def sampled_product(self, a_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The K entries ``(a_t @ b)[row_k, col_k]`` of an (m x T) @ (T x n) product, without forming it.
+
+        Fastest with ``a_t`` row-major and ``b`` column-major (the transpose of a contiguous n x T).
+        """
+        crow, col, order = self.sparse_pattern(a_t.device)
+        pattern = _csr(crow, col, a_t.new_zeros(col.numel()), (self.m, self.n))
+        sampled = torch.sparse.sampled_addmm(pattern, a_t, b, beta=0.0).values()
+        return sampled if order is None else torch.empty_like(sampled).index_put_((order,), sampled)
+
+
+def _csr(crow, col, values, shape) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the two kernels used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def make_space(
+    m: int,
+    n: int,
+    k: int,
+    *,
+    layout: str,
+    basis: str = "dct",
+    seed: int = 0,
+    weight: Optional[torch.Tensor] = None,
+    indices: Optional[torch.Tensor] = None,
+    rings: int = 4,
+    energy_share: float = 0.5,
+    name: str = "",
+) -> CoefficientSpace:
+    """The coefficient space of an m x n layer with budget ``k`` under ``layout``: the one place an index
+    set is computed.
+
+    ``weight`` (out x in, in the transform dtype) is read by the layouts that rank the existing weight's
+    coefficients (``energy``, ``banded``). ``indices`` are index sets read from a saved adapter: they are
+    validated and used as they are (a data-dependent set cannot be recomputed from the config).
+    ``lowfreq`` keeps the largest block that fits ``k`` (possibly fewer than ``k`` coefficients).
+    """
+    if layout == "lowfreq":
+        return CoefficientSpace(m, n, basis, seed, block=lowfreq_block(m, n, k))
+    if indices is not None:
+        validate_indices(indices, m, n, name=name)
+        return CoefficientSpace(m, n, basis, seed, indices=indices.to(torch.int64))
+    coefficients = None
+    if layout in DATA_DEPENDENT_LAYOUTS:
+        if weight is None:
+            raise ValueError(
+                f"layout={layout!r} ranks the coefficients of the existing weight{f' of {name!r}' if name else ''}, "
+                "and there is none (it is on the meta device, or was released). Load the model with its weights, or "
+                "use layout='random'/'lowfreq'/'triangle'."
+            )
+        # the full analysis in the layer's own basis (a throwaway space over every position)
+        everything = CoefficientSpace(m, n, basis, seed, block=(m, n))
+        coefficients = everything.all_coefficients(weight)
+    chosen = select_indices(layout, m, n, k, seed=seed, coefficients=coefficients, rings=rings, energy_share=energy_share)
+    device = weight.device if weight is not None else torch.device("cpu")
+    return CoefficientSpace(m, n, basis, seed, indices=chosen.to(device))

@@ -1,0 +1,8 @@
+"""How a spectral layer computes: exact compute paths (``dispatch``), their autograd pieces
+(``functions``), and the cost model that picks the cheapest (``cost_model``)."""
+
+from .cost_model import DEVICE_COSTS, DeviceCosts, choose_path, estimate_costs
+from .dispatch import PATHS, available_paths, run_path
+from .functions import matrix
+
+__all__ = ["DEVICE_COSTS", "DeviceCosts", "PATHS", "available_paths", "choose_path", "estimate_costs", "matrix", "run_path"]
