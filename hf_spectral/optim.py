@@ -54,9 +54,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .bases import basis_matrix
-from .dct import dct2, idct2_scattered, scatter_coefficients
-
 __all__ = [
     "MOMENTS",
     "CoefficientProjector",
@@ -73,64 +70,34 @@ class CoefficientProjector:
     """Maps one spectral layer's K coefficients to the m x n weight basis and back.
 
     ``lift(c)`` is the m x n matrix whose coefficients are ``c`` on the index set (and zero
-    elsewhere); ``restrict(U)`` is the coefficients of ``U`` on the index set. Both are exact
-    (the bases are orthonormal), and ``restrict(lift(c)) == c``.
+    elsewhere); ``restrict(U)`` is the coefficients of ``U`` on the index set. Both are the layer's
+    ``CoefficientSpace`` maps, exact (the bases are orthonormal), and ``restrict(lift(c)) == c``.
 
-    The projector keeps a reference to the layer and reads its index set and bases at call time,
-    so it follows the layer across devices.
+    The projector keeps a reference to the layer and asks it for its coefficient space at call time,
+    so it follows the layer across devices and reloads.
     """
 
     def __init__(self, layer, adapter: str = "default"):
-        settings = layer.spectral_settings[adapter]
         self.layer = layer
         self.adapter = adapter
         self.m, self.n = layer.out_features, layer.in_features
-        self.basis = settings.basis
-        self.seed = settings.seed
-        self.block = settings.block  # (p, q) for the lowfreq layout, else None
-
-    def _bases(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            basis_matrix(self.basis, self.m, self.seed, like.dtype, like.device),
-            basis_matrix(self.basis, self.n, self.seed, like.dtype, like.device),
-        )
-
-    def _indices(self) -> torch.Tensor:
-        return self.layer._indices(self.adapter)
 
     def lift(self, coefficients: torch.Tensor) -> torch.Tensor:
-        if self.block is not None:
-            p, q = self.block
-            b_m, b_n = self._bases(coefficients)
-            return b_m[:p].T @ coefficients.view(p, q) @ b_n[:q]
-        indices = self._indices()
-        if self.basis == "dct":
-            return idct2_scattered(coefficients, indices, self.m, self.n)
-        b_m, b_n = self._bases(coefficients)
-        return b_m.T @ scatter_coefficients(coefficients, indices, self.m, self.n) @ b_n
+        return self.layer.coefficient_space(self.adapter).to_matrix(coefficients)
 
     def restrict(self, matrix: torch.Tensor) -> torch.Tensor:
-        if self.block is not None:
-            p, q = self.block
-            b_m, b_n = self._bases(matrix)
-            return (b_m[:p] @ matrix @ b_n[:q].T).reshape(-1)
-        indices = self._indices()
-        if self.basis == "dct":
-            return dct2(matrix).reshape(-1)[indices]
-        b_m, b_n = self._bases(matrix)
-        return (b_m @ matrix @ b_n.T).reshape(-1)[indices]
+        return self.layer.coefficient_space(self.adapter).from_matrix(matrix)
 
 
 def spectral_projectors(model: nn.Module) -> dict[nn.Parameter, CoefficientProjector]:
     """A projector for every spectral coefficient tensor of ``model`` (a PeftModel or its base)."""
-    from .layer import SpectralLayer
+    from .model import spectral_layers
 
-    projectors = {}
-    for module in model.modules():
-        if isinstance(module, SpectralLayer):
-            for adapter, param in module.spectral_coefficients.items():
-                projectors[param] = CoefficientProjector(module, adapter)
-    return projectors
+    return {
+        param: CoefficientProjector(layer, adapter)
+        for _, layer in spectral_layers(model)
+        for adapter, param in layer.spectral_coefficients.items()
+    }
 
 
 class SpectralAdamW(torch.optim.Optimizer):
