@@ -22,8 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from hf_spectral import SpectralConfig, SpectralLayer
-from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
 from hf_spectral.cli import main
+from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
 
 
 @pytest.fixture(scope="module")
