@@ -1,0 +1,100 @@
+"""The package's shape, as docs/architecture.md describes it: imports go one way (no cycle), and only the
+coefficient space (besides the transform modules) turns coefficients into matrices or computes index sets."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hf_spectral"
+# the pure transform modules, and the coefficient space that uses them
+TRANSFORM_MODULES = {"hf_spectral.dct", "hf_spectral.bases", "hf_spectral.fft_tables", "hf_spectral.triton_kernels"}
+# what builds a basis, scatters coefficients into a matrix, or chooses an index set
+MATRIX_BUILDERS = {
+    "idct2", "idct2_block", "idct2_scattered", "scatter_coefficients", "dct_basis", "basis_matrix",
+    "random_orthonormal_basis", "idct_lastdim", "select_indices", "lowfreq_block", "lowfreq_indices",
+    "random_indices", "triangle_indices", "energy_indices", "banded_indices",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {_module_name(p): ast.parse(p.read_text()) for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str, tree: ast.Module, is_package: bool) -> dict[str, set[str]]:
+    """{imported hf_spectral module: names taken from it}, for every import in the file (lazy ones too)."""
+    found: dict[str, set[str]] = {}
+    base = name.split(".") if is_package else name.split(".")[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "hf_spectral":
+                continue
+            names = {alias.name for alias in node.names}
+            found.setdefault(target, set()).update(names)
+            for alias in names:  # `from . import dct` imports the module hf_spectral.dct
+                found.setdefault(f"{target}.{alias}", set())
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "hf_spectral":
+                    found.setdefault(alias.name, set())
+    return found
+
+
+def _graph() -> dict[str, dict[str, set[str]]]:
+    modules = _modules()
+    graph = {}
+    for name, tree in modules.items():
+        is_package = (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()
+        graph[name] = {t: n for t, n in _imports(name, tree, is_package).items() if t in modules and t != name}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    # a package's __init__ re-exporting its submodules is not a cycle of the code itself
+    edges = {a: {b for b in targets if not a.startswith(b + ".")} for a, targets in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in edges[node]:
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in edges:
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_only_the_coefficient_space_turns_coefficients_into_matrices():
+    offenders = {}
+    for name, targets in _graph().items():
+        if name in TRANSFORM_MODULES or name == "hf_spectral.coefficient_space":
+            continue
+        used = set().union(*targets.values()) & MATRIX_BUILDERS if targets else set()
+        if used:
+            offenders[name] = sorted(used)
+    assert not offenders, offenders
+
+
+def test_the_checks_see_a_real_import():
+    # the two tests above would pass vacuously if the parser missed imports
+    graph = _graph()
+    assert "hf_spectral.coefficient_space" in graph["hf_spectral.layer"]
+    assert "make_space" in graph["hf_spectral.layer"]["hf_spectral.coefficient_space"]
+    assert "hf_spectral.fft_tables" in graph["hf_spectral.dct"]
+    assert "hf_spectral.fft_tables" in graph["hf_spectral.triton_kernels"]
