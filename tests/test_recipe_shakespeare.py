@@ -129,3 +129,55 @@ def test_a_mistyped_setting_fails_loudly():
         train.parse_settings(train.run_settings(profile, "dense", 0, ["learning_rat=1"]))
     with pytest.raises(ValueError, match="not in profile"):
         train.run_settings(profile, "no_such_arm", 0)
+
+
+def test_offline_without_a_shared_copy_the_shipped_text_is_used(tmp_path, monkeypatch):
+    """A fresh clone on a machine with no network and no ../shared: prepare never touches the network."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("prepare went to the network although the shipped copy is there")
+
+    monkeypatch.setenv("HF_SPECTRAL_SHARED", str(tmp_path / "no_shared_folder"))
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", no_network)
+    assert not prepare.shared_copy().exists()
+    meta = prepare.prepare(None, tmp_path / "data")
+    assert meta["sha256"] == prepare.SHA256 and "shipped" in meta["source"]
+    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
+
+
+def test_the_shared_copy_comes_first_and_a_damaged_shipped_copy_falls_back_to_the_download(tmp_path, monkeypatch):
+    shared = tmp_path / "shared" / "data" / "tinyshakespeare"
+    shared.mkdir(parents=True)
+    (shared / "input.txt").write_text("To be, or not to be\n")
+    monkeypatch.setenv("HF_SPECTRAL_SHARED", str(tmp_path / "shared"))
+    assert prepare.read_text(None) == ("To be, or not to be\n", str(shared / "input.txt"))
+
+    import bz2
+
+    monkeypatch.setenv("HF_SPECTRAL_SHARED", str(tmp_path / "missing"))
+    monkeypatch.setattr(prepare, "SHIPPED_COPY", tmp_path / "input.txt.bz2")
+    (tmp_path / "input.txt.bz2").write_bytes(bz2.compress(b"not the canonical text"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="missing or damaged .* could not be downloaded .* --input"):
+        prepare.read_text(None)
+
+
+@pytest.mark.slow
+def test_main_job_shows_bars_and_the_table_not_log_dicts(data_dir, tmp_path, capfd):
+    from recipes.shakespeare_char import main_job
+
+    tiny = ["n_layer=1", "block_size=32", "max_steps=2", "eval_steps=1", "logging_steps=1", "eval_windows=4"]
+    tiny += ["per_device_train_batch_size=4", "sample_chars=10", "use_cpu=true"]
+    main_job.main(["--input", str(data_dir.parent / "input.txt"), "--out", str(tmp_path), "--set", *tiny])
+    out, err = capfd.readouterr()
+    assert "{'loss'" not in out + err and "'train_runtime'" not in out + err
+    for arm in ("dense", "lowfreq_mn2_wadam", "lowrank_mn2"):
+        assert f"{arm}: 100%" in err  # one progress bar per arm
+        assert f"| {arm} |" in out
+        record = json.loads((tmp_path / "main_job" / arm / "seed0" / "run.json").read_text())
+        assert len(record["curves"]["train"]) == 2 and len(record["curves"]["val"]) == 2  # the logs are kept
+    assert "main job:" in out

@@ -11,11 +11,13 @@ one line per layout) and ``samples.md`` (characters sampled from each final mode
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
+
+from ..common import find_records, hardware_line, mean_std
 
 KIND_ORDER = {"dense": 0, "spectral": 1, "lowrank": 2}
 FRACTION_NAMES = {1.0: "mn", 0.5: "mn/2", 0.25: "mn/4", 0.1: "mn/10", 0.05: "mn/20"}
@@ -24,8 +26,7 @@ FRACTION_NAMES = {1.0: "mn", 0.5: "mn/2", 0.25: "mn/4", 0.1: "mn/10", 0.05: "mn/
 def load_runs(runs_dir: str | Path, unfinished: bool = False) -> dict[str, list[dict]]:
     """Runs grouped by arm: the finished ones, and with ``unfinished`` also those stopped early."""
     groups = defaultdict(list)
-    for path in sorted(Path(runs_dir).glob("*/seed*/run.json")):
-        run = json.loads(path.read_text())
+    for _, run in find_records(runs_dir, "*/seed*/run.json"):
         if run.get("finished") or unfinished:
             groups[run["arm"]].append(run)
     return dict(groups)
@@ -42,7 +43,8 @@ def _arm_key(runs: list[dict]):
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    mean, std = mean_std(values)
+    return mean, std if math.isfinite(std) else 0.0  # one seed: shown as ± 0.000
 
 
 def _describe(run: dict) -> tuple[str, str, str, str]:
@@ -100,9 +102,7 @@ def table(groups: dict[str, list[dict]], at_step: Optional[int] = None) -> str:
 
 def hardware_note(groups: dict[str, list[dict]]) -> str:
     runs = [r for rs in groups.values() for r in rs]
-    names = sorted(
-        {f"{r['hardware']['name']} ({r['hardware']['device']}, torch {r['hardware']['torch']})" for r in runs}
-    )
+    names = sorted({hardware_line(r["hardware"]) for r in runs})
     walls = [r["wall_seconds"] for r in runs]
     return (
         f"{len(runs)} runs on {', '.join(names)}; wall time per run {min(walls):.0f}-{max(walls):.0f} s "

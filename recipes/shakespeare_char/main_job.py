@@ -2,18 +2,22 @@
 
     pip install -e ".[recipes]" && python -m recipes.shakespeare_char.main_job
 
-Prepares the data (``--input PATH`` for a local input.txt; otherwise the shared copy or a
-download), then trains three arms of ``configs/main_job.yaml`` one after another in this process:
-a dense 4-layer GPT-2, the same model with every block linear layer stored as K = mn/2 DCT
-coefficients (trained with SpectralAdamW), and a low-rank B A model with the same parameter count.
-Prints the table (``compare``) and writes it, the plots and samples under ``--out``.
+Prepares the data (``--input PATH`` for a local input.txt; otherwise the shared copy if there is one, else
+the copy shipped in ``data/``: no network needed), then trains three arms of ``configs/main_job.yaml`` one
+after another in this process: a dense 4-layer GPT-2, the same model with every block linear layer stored
+as K = mn/2 DCT coefficients (trained with SpectralAdamW), and a low-rank B A model with the same parameter
+count. Shows a progress bar per arm, then prints the table (``compare``) and writes it, the plots and
+samples under ``--out``; each run's per-step losses are in its ``run.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
+
+from transformers.utils import logging as hf_logging
 
 from .compare import compare
 from .prepare import prepare
@@ -24,10 +28,13 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "main_job.yaml"
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default=None, help="tiny Shakespeare's input.txt (default: shared copy or download)")
+    parser.add_argument("--input", default=None, help="tiny Shakespeare's input.txt (default: shared or shipped copy)")
     parser.add_argument("--out", default="runs/shakespeare_char", help="root folder of the runs")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for every arm")
     args = parser.parse_args(argv)
+    # what the job prints is the bars and the table: no bar per saved file, no deprecation notice from peft
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     start = time.perf_counter()
     data_dir = Path(args.out) / "data"

@@ -3,30 +3,51 @@
     python -m recipes.shakespeare_char.prepare [--input PATH] [--out runs/shakespeare_char/data]
 
 65 characters, sorted; the first 90% of the text is the training split, the last 10% validation.
-Writes train.bin and val.bin (uint16 token ids) and meta.json (the vocabulary). Without
-``--input`` the text is taken from ``../shared/data/tinyshakespeare/input.txt`` beside the
-repository when it is there, and downloaded from the canonical address otherwise.
+Writes train.bin and val.bin (uint16 token ids) and meta.json (the vocabulary). The text is, in order:
+``--input``; the shared copy ``../shared/data/tinyshakespeare/input.txt`` beside the repository, if it is
+there (``$HF_SPECTRAL_SHARED`` names another shared folder); the copy shipped with the recipe
+(``data/input.txt.bz2``, checked against its sha256: MIT-licensed, from karpathy/char-rnn, see
+``data/README.md``); and only if that is missing or damaged, a download from the canonical address. So a
+fresh clone works offline and never waits on the network.
 """
 
 from __future__ import annotations
 
 import argparse
+import bz2
 import hashlib
 import json
+import os
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of the canonical input.txt
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOCAL_COPY = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHIPPED_COPY = Path(__file__).resolve().parent / "data" / "input.txt.bz2"
 DEFAULT_OUT = REPO_ROOT / "runs" / "shakespeare_char" / "data"
 TRAIN_SHARE = 0.9
 
 
+def shared_copy() -> Path:
+    """Where a shared copy would be: ``$HF_SPECTRAL_SHARED`` (default ``../shared`` beside the repository)
+    ``/data/tinyshakespeare/input.txt``. It need not exist."""
+    shared = Path(os.environ.get("HF_SPECTRAL_SHARED", REPO_ROOT.parent / "shared"))
+    return shared / "data" / "tinyshakespeare" / "input.txt"
+
+
+def shipped_text() -> str | None:
+    """The copy shipped with the recipe, or None if it is missing or not the canonical file."""
+    if not SHIPPED_COPY.is_file():
+        return None
+    raw = bz2.decompress(SHIPPED_COPY.read_bytes())
+    return raw.decode("utf-8") if hashlib.sha256(raw).hexdigest() == SHA256 else None
+
+
 def read_text(input_path: str | None) -> tuple[str, str]:
-    """The raw text and where it came from."""
+    """The raw text and where it came from: ``--input``, the shared copy, the shipped copy, a download."""
     if input_path:
         path = Path(input_path)
         if not path.is_file():
@@ -34,14 +55,19 @@ def read_text(input_path: str | None) -> tuple[str, str]:
                 f"--input {input_path!r} is not a file. Give the path of tiny Shakespeare's input.txt."
             )
         return path.read_text(encoding="utf-8"), str(path)
-    if LOCAL_COPY.is_file():
-        return LOCAL_COPY.read_text(encoding="utf-8"), str(LOCAL_COPY)
+    shared = shared_copy()
+    if shared.is_file():
+        return shared.read_text(encoding="utf-8"), str(shared)
+    text = shipped_text()
+    if text is not None:
+        return text, f"{SHIPPED_COPY.relative_to(REPO_ROOT)} (shipped with the recipe)"
     try:
         with urllib.request.urlopen(URL, timeout=30) as response:
             return response.read().decode("utf-8"), URL
     except OSError as error:
         raise RuntimeError(
-            f"Could not download {URL} ({error}). Download it by hand and pass --input PATH/input.txt."
+            f"{SHIPPED_COPY} is missing or damaged and {URL} could not be downloaded ({error}). Restore the file "
+            "(git checkout recipes/shakespeare_char/data) or pass --input PATH/input.txt."
         ) from error
 
 
@@ -89,7 +115,9 @@ def load_meta(data_dir: str | Path) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default=None, help="path of input.txt (default: the shared copy, else download)")
+    parser.add_argument(
+        "--input", default=None, help="path of input.txt (default: the shared copy, else the shipped one)"
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for train.bin, val.bin, meta.json")
     args = parser.parse_args(argv)
     meta = prepare(args.input, args.out)

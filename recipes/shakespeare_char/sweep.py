@@ -13,7 +13,6 @@ interrupted one resumes from its last checkpoint, so a long profile can be run i
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -21,13 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..common import is_finished, parse_overrides
 from .compare import compare
 from .train import load_profile, run_settings, train
-
-
-def finished(output_dir: Path) -> bool:
-    path = output_dir / "run.json"
-    return path.is_file() and json.loads(path.read_text()).get("finished", False)
 
 
 def planned_runs(profile: dict, arms: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int]]:
@@ -70,7 +65,7 @@ def main(argv=None) -> None:
         arm, seed = run
         settings = run_settings(profile, arm, seed, args.set)
         out = Path(settings["output_dir"])
-        if finished(out):
+        if is_finished(out):
             return f"{arm} seed {seed}: done before"
         extra = []
         if deadline is not None:
@@ -81,14 +76,14 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         if args.in_process:
             start = time.monotonic()
-            state = "finished" if train({**settings, **dict(e.split("=", 1) for e in extra)}) else "stopped"
+            state = "finished" if train({**settings, **parse_overrides(extra)}) else "stopped"
             return f"{arm} seed {seed}: {state} in {time.monotonic() - start:.0f} s"
         command = [*launcher, "-m", "recipes.shakespeare_char.train", args.profile, "--arm", arm, "--seed", str(seed)]
         command += [*args.set, *extra]
         start = time.monotonic()
         with open(out / "log.txt", "a") as log:
             code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-        state = "finished" if finished(out) else f"stopped (exit {code}; see {out / 'log.txt'})"
+        state = "finished" if is_finished(out) else f"stopped (exit {code}; see {out / 'log.txt'})"
         return f"{arm} seed {seed}: {state} in {time.monotonic() - start:.0f} s"
 
     print(f"{len(runs)} runs of profile {profile['name']!r}, {args.jobs} at a time", flush=True)

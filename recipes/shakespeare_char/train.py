@@ -11,6 +11,10 @@ so a mistyped key fails loudly. Under ``accelerate launch`` the same command run
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \
         -m recipes.shakespeare_char.train CONFIG --arm dense --seed 0
 
+``train()`` reads top to bottom: arguments -> data -> model -> optimiser -> Trainer -> record, and the
+sections of this file come in that order. What recipes share (profiles, overrides, records, hardware,
+stable rank, the progress bar) is in ``recipes/common``.
+
 Each run writes ``run.json`` (settings, parameter counts, checkpoint size, loss curves against
 tokens, timings, stable ranks, a sample) and ``model/`` under
 ``{runs_dir}/{profile}/{arm}/seed{seed}``. An interrupted run resumes from its last complete
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +34,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
@@ -46,21 +48,34 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-import hf_spectral
 from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.ecosystem.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint
 from hf_spectral.optim import create_optimizer, optimizer_state_elements
 
+from ..common import (
+    OPTIMIZERS,
+    arm_settings,
+    check_optimizer,
+    hardware,
+    is_finished,
+    load_profile,
+    parse_overrides,
+    quiet,
+    read_record,
+    stable_rank,
+    write_record,
+)
 from .prepare import load_meta, load_split, prepare
 
+__all__ = ["load_profile", "parse_settings", "run_settings", "train"]  # load_profile: recipes.common's
+
 KINDS = ("dense", "spectral", "lowrank")
-OPTIMIZERS = {"adamw": None, "wadam": "weight", "wfactored": "factored"}
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's Conv1D layers per block
 BLOCK_LAYER_NAME = re.compile(r"h\.(\d+)\.(" + "|".join(re.escape(n) for n in BLOCK_LAYERS) + r")$")
 
 
 # --------------------------------------------------------------------------------------------------
-# settings
+# 1. arguments
 
 
 @dataclass
@@ -86,10 +101,7 @@ class ArmArguments:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is not one of {KINDS}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZERS)}.")
-        if self.optimizer != "adamw" and self.kind != "spectral":
-            raise ValueError(f"optimizer={self.optimizer!r} is for spectral arms; a {self.kind} arm takes adamw.")
+        check_optimizer(self.optimizer, spectral=self.kind == "spectral", arm=f"kind={self.kind!r}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction!r} is outside (0, 1]; mn/2 is 0.5, mn/10 is 0.1.")
 
@@ -126,28 +138,12 @@ class DataArguments:
     )
 
 
-def load_profile(path: str | Path) -> dict:
-    profile = yaml.safe_load(Path(path).read_text())
-    if not isinstance(profile, dict) or "arms" not in profile:
-        raise ValueError(f"{path} is not a profile: it needs `defaults:` and a list of `arms:`.")
-    profile.setdefault("name", Path(path).stem)
-    return profile
-
-
 def run_settings(profile: dict, arm: str, seed: int, overrides: list[str] | None = None) -> dict:
     """The flat settings of one run: profile defaults, then the arm, then ``key=value`` overrides."""
-    arms = {a["arm"]: a for a in profile["arms"]}
-    if arm not in arms:
-        raise ValueError(f"arm {arm!r} is not in profile {profile['name']!r}; choose from {sorted(arms)}.")
-    arm_settings = {k: v for k, v in arms[arm].items() if k != "seeds"}  # seeds is the sweep's business
-    settings = {**profile.get("defaults", {}), **arm_settings, "seed": seed, "profile": profile["name"]}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value, e.g. max_steps=100.")
-        parsed = yaml.safe_load(value)
-        # YAML 1.1 reads no/yes/on/off as booleans; keep them as words (save_strategy=no)
-        settings[key] = value if isinstance(parsed, bool) and value.lower() not in ("true", "false") else parsed
+    settings = arm_settings(profile, arm)
+    settings.pop("seeds", None)  # the sweep's business
+    settings["seed"] = seed
+    settings.update(parse_overrides(overrides))
     settings.setdefault("data_seed", seed)
     runs_dir = settings.get("runs_dir", DataArguments.runs_dir)
     settings.setdefault("output_dir", str(Path(runs_dir) / settings["profile"] / arm / f"seed{seed}"))
@@ -160,7 +156,7 @@ def parse_settings(settings: dict) -> tuple[ArmArguments, ModelArguments, DataAr
 
 
 # --------------------------------------------------------------------------------------------------
-# data
+# 2. data
 
 
 class RandomWindows(torch.utils.data.Dataset):
@@ -208,7 +204,7 @@ def validation_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, de
 
 
 # --------------------------------------------------------------------------------------------------
-# the three kinds of model
+# 3. model: dense, spectral (K coefficients per layer) or low rank (W = B A)
 
 
 def block_layer_names(model: nn.Module) -> dict[str, nn.Module]:
@@ -298,28 +294,8 @@ def lowrank_model(model: nn.Module, fraction: float) -> nn.Module:
     return model
 
 
-def effective_weights(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
-    """The out x in weight of every block layer, as the model computes it."""
-    weights = {}
-    with torch.no_grad():
-        for name, module in block_layer_names(model).items():
-            if kind == "spectral" and isinstance(module, SpectralLayer):
-                weights[name] = module.rebuild("default").float()
-            elif kind == "lowrank":
-                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                weights[name] = (b @ a * module.scaling["default"]).float()
-            elif isinstance(module, Conv1D):
-                weights[name] = module.weight.T.float()
-    return weights
-
-
-def stable_rank(weight: torch.Tensor) -> float:
-    """||W||_F^2 / ||W||_2^2: a smooth count of the directions a matrix uses (1 .. rank)."""
-    sigma = torch.linalg.svdvals(weight.detach().double().cpu())
-    return float((sigma**2).sum() / sigma[0] ** 2)
-
-
-def parameter_counts(model: nn.Module, kind: str) -> dict:
+def block_parameter_counts(model: nn.Module, kind: str) -> dict:
+    """Trainable parameters, those of the block layers (weights, coefficients or A and B), and their dense size."""
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     if kind == "dense":
         block = sum(m.weight.numel() for m in block_layer_names(model).values())
@@ -340,36 +316,18 @@ def parameter_counts(model: nn.Module, kind: str) -> dict:
     }
 
 
-def save_arm(model: nn.Module, kind: str, directory: Path) -> int:
-    """Save what is needed to restore the model; return its size on disk in bytes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if kind == "lowrank":
-        # LoRA's own save keeps only A and B; a model trained from scratch needs every trained tensor
-        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(tensors, str(directory / "model.safetensors"))
-        model.peft_config["default"].save_pretrained(str(directory))
-    else:
-        model.save_pretrained(str(directory))  # dense: the model; spectral: adapter + non-spectral tensors
-    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+# --------------------------------------------------------------------------------------------------
+# 4. optimiser
 
 
-@torch.no_grad()
-def sample(model: nn.Module, chars: str, length: int, context: int, seed: int, device) -> str:
-    """``length`` characters drawn from the model (temperature 1), seeded, after a newline."""
-    if hasattr(model, "merge_and_unload"):  # a dense copy samples faster than rebuilding weights per character
-        model = copy.deepcopy(model).merge_and_unload()
-    model.eval()
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    ids = [chars.index("\n")]
-    for _ in range(length):
-        x = torch.tensor([ids[-context:]], device=device)
-        probs = torch.softmax(model(input_ids=x).logits[0, -1].float().cpu(), dim=-1)
-        ids.append(int(torch.multinomial(probs, 1, generator=generator)))
-    return "".join(chars[i] for i in ids[1:])
+def build_optimizer(model: nn.Module, arm: ArmArguments, args: TrainingArguments) -> Optional[torch.optim.Optimizer]:
+    """SpectralAdamW for ``wadam`` and ``wfactored``; None (the Trainer's own AdamW) for ``adamw``."""
+    moments = OPTIMIZERS[arm.optimizer]
+    return create_optimizer(model, args, moments=moments) if moments else None
 
 
 # --------------------------------------------------------------------------------------------------
-# training
+# 5. Trainer
 
 
 class CharTrainer(Trainer):
@@ -413,51 +371,139 @@ class WallClock(TrainerCallback):
             self.path.write_text(json.dumps({"seconds": self.seconds(), "step": state.global_step}))
 
 
-def hardware(args: TrainingArguments) -> dict:
-    device = args.device
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+# --------------------------------------------------------------------------------------------------
+# 6. record
+
+
+def effective_weights(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """The out x in weight of every block layer, as the model computes it."""
+    weights = {}
+    with torch.no_grad():
+        for name, module in block_layer_names(model).items():
+            if kind == "spectral" and isinstance(module, SpectralLayer):
+                weights[name] = module.rebuild("default").float()
+            elif kind == "lowrank":
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                weights[name] = (b @ a * module.scaling["default"]).float()
+            elif isinstance(module, Conv1D):
+                weights[name] = module.weight.T.float()
+    return weights
+
+
+def save_arm(model: nn.Module, kind: str, directory: Path) -> int:
+    """Save what is needed to restore the model; return its size on disk in bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if kind == "lowrank":
+        # LoRA's own save keeps only A and B; a model trained from scratch needs every trained tensor
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(directory / "model.safetensors"))
+        model.peft_config["default"].save_pretrained(str(directory))
     else:
-        cpuinfo = Path("/proc/cpuinfo")
-        models = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.is_file() else []
-        name = f"{models[0].strip()} ({len(models)} cores)" if models else platform.processor() or platform.machine()
+        model.save_pretrained(str(directory))  # dense: the model; spectral: adapter + non-spectral tensors
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def sample(model: nn.Module, chars: str, length: int, context: int, seed: int, device) -> str:
+    """``length`` characters drawn from the model (temperature 1), seeded, after a newline."""
+    if hasattr(model, "merge_and_unload"):  # a dense copy samples faster than rebuilding weights per character
+        model = copy.deepcopy(model).merge_and_unload()
+    model.eval()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ids = [chars.index("\n")]
+    for _ in range(length):
+        x = torch.tensor([ids[-context:]], device=device)
+        probs = torch.softmax(model(input_ids=x).logits[0, -1].float().cpu(), dim=-1)
+        ids.append(int(torch.multinomial(probs, 1, generator=generator)))
+    return "".join(chars[i] for i in ids[1:])
+
+
+def make_record(
+    trainer: Trainer,
+    output,
+    settings: dict,
+    arm: ArmArguments,
+    data_args: DataArguments,
+    meta: dict,
+    counts: dict,
+    clock: WallClock,
+    tokens_per_step: int,
+) -> dict:
+    """What ``run.json`` holds: settings, counts, checkpoint size, curves against tokens, timings, stable ranks,
+    a sample and the hardware."""
+    args, history, steps = trainer.args, trainer.state.log_history, trainer.state.global_step
+    output_dir = Path(args.output_dir)
+    weights = effective_weights(trainer.model, arm.kind)
+    val_curve = [[e["step"] * tokens_per_step, e["eval_loss"]] for e in history if "eval_loss" in e]
+    seconds = clock.seconds()
+    ranks = {name: stable_rank(w) for name, w in weights.items()}
     return {
-        "device": device.type,
-        "name": name,
-        "cpu_threads": torch.get_num_threads(),
-        "world_size": args.world_size,
-        "torch": torch.__version__,
-        "hf_spectral": hf_spectral.__version__,
+        "profile": data_args.profile,
+        "arm": arm.arm,
+        "seed": args.seed,
+        **{k: v for k, v in asdict(arm).items() if k != "arm"},
+        "finished": steps >= args.max_steps,
+        "final_val_loss": val_curve[-1][1],
+        "best_val_loss": min(v for _, v in val_curve),
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "params": counts,
+        "checkpoint_bytes": save_arm(trainer.model, arm.kind, output_dir / "model") if data_args.save_model else None,
+        "curves": {
+            "train": [[e["step"] * tokens_per_step, e["loss"]] for e in history if "loss" in e],
+            "val": val_curve,
+        },
+        "wall_seconds": seconds,
+        "eval_seconds": trainer.eval_seconds,
+        "train_runtime_seconds_last_chunk": output.metrics.get("train_runtime"),
+        "tokens_per_second": steps * tokens_per_step / max(seconds - trainer.eval_seconds, 1e-9),
+        "optimizer_state_elements": optimizer_state_elements(trainer.optimizer),
+        "stable_rank": ranks,
+        "sample": sample(
+            trainer.model, meta["chars"], data_args.sample_chars, data_args.block_size, args.seed, args.device
+        ),
+        "hardware": hardware(args.device, args.world_size),
+        "settings": settings,
+        "mean_stable_rank": float(np.mean(list(ranks.values()))),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# one run, top to bottom
 
 
 def train(settings: dict) -> Optional[dict]:
     """Run one arm; return its result (on the main process) or None if it stopped at its time limit."""
+    # 1. arguments: the settings, parsed and checked (a finished run is returned as it was recorded)
     arm, model_args, data_args, args = parse_settings(settings)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    result_path = output_dir / "run.json"
-    if result_path.is_file() and json.loads(result_path.read_text()).get("finished"):
-        return json.loads(result_path.read_text())
-
-    with args.main_process_first(desc="prepare data"):
-        if data_args.input or not Path(data_args.data_dir, "meta.json").is_file():
-            prepare(data_args.input, data_args.data_dir)
-        meta = load_meta(data_args.data_dir)
-    train_tokens, val_tokens = load_split(data_args.data_dir, "train"), load_split(data_args.data_dir, "val")
+    if is_finished(output_dir):
+        return read_record(output_dir)
     if data_args.block_size > model_args.n_positions:
         raise ValueError(
             f"block_size={data_args.block_size} is longer than the context n_positions={model_args.n_positions}."
         )
 
-    model = build_model(arm, model_args, meta["vocab_size"], args.seed)
-    counts = parameter_counts(model, arm.kind)
+    # 2. data: seeded random training windows (one per sample the run sees), fixed validation windows
+    with args.main_process_first(desc="prepare data"):
+        if data_args.input or not Path(data_args.data_dir, "meta.json").is_file():
+            prepare(data_args.input, data_args.data_dir)
+        meta = load_meta(data_args.data_dir)
+    train_tokens, val_tokens = load_split(data_args.data_dir, "train"), load_split(data_args.data_dir, "val")
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     tokens_per_step = samples_per_step * data_args.block_size
     train_set = RandomWindows(train_tokens, data_args.block_size, args.max_steps * samples_per_step, args.seed)
     val_windows = validation_windows(val_tokens, data_args.block_size, data_args.eval_windows)
-    moments = OPTIMIZERS[arm.optimizer]
-    optimizer = create_optimizer(model, args, moments=moments) if moments else None
+
+    # 3. model: dense, spectral or low rank
+    model = build_model(arm, model_args, meta["vocab_size"], args.seed)
+    counts = block_parameter_counts(model, arm.kind)
+
+    # 4. optimiser
+    optimizer = build_optimizer(model, arm, args)
+
+    # 5. Trainer: resumes from the last complete checkpoint; a progress bar instead of printed logs
     clock = WallClock(output_dir, data_args.time_limit_minutes)
     trainer = CharTrainer(
         model=model,
@@ -470,49 +516,17 @@ def train(settings: dict) -> Optional[dict]:
         eval_batch_size=data_args.eval_batch_size,
         tokens_per_step=tokens_per_step,
     )
+    quiet(trainer, label=arm.arm)
     output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(str(output_dir)))
-    # a run stopped at its time limit still records where it got to (finished: false); run again to resume
-    finished = trainer.state.global_step >= args.max_steps
-    history = trainer.state.log_history
-    if not any("eval_loss" in e and e["step"] == trainer.state.global_step for e in history):
+    if not any("eval_loss" in e and e["step"] == trainer.state.global_step for e in trainer.state.log_history):
         trainer.evaluate()
-        history = trainer.state.log_history
     if not trainer.is_world_process_zero():
         return None
 
-    device = args.device
-    weights = effective_weights(trainer.model, arm.kind)
-    val_curve = [[e["step"] * tokens_per_step, e["eval_loss"]] for e in history if "eval_loss" in e]
-    seconds = clock.seconds()
-    result = {
-        "profile": data_args.profile,
-        "arm": arm.arm,
-        "seed": args.seed,
-        **{k: v for k, v in asdict(arm).items() if k != "arm"},
-        "finished": finished,
-        "final_val_loss": val_curve[-1][1],
-        "best_val_loss": min(v for _, v in val_curve),
-        "steps": trainer.state.global_step,
-        "tokens": trainer.state.global_step * tokens_per_step,
-        "params": counts,
-        "checkpoint_bytes": save_arm(trainer.model, arm.kind, output_dir / "model") if data_args.save_model else None,
-        "curves": {
-            "train": [[e["step"] * tokens_per_step, e["loss"]] for e in history if "loss" in e],
-            "val": val_curve,
-        },
-        "wall_seconds": seconds,
-        "eval_seconds": trainer.eval_seconds,
-        "train_runtime_seconds_last_chunk": output.metrics.get("train_runtime"),
-        "tokens_per_second": trainer.state.global_step * tokens_per_step / max(seconds - trainer.eval_seconds, 1e-9),
-        "optimizer_state_elements": optimizer_state_elements(trainer.optimizer),
-        "stable_rank": {name: stable_rank(w) for name, w in weights.items()},
-        "sample": sample(trainer.model, meta["chars"], data_args.sample_chars, data_args.block_size, args.seed, device),
-        "hardware": hardware(args),
-        "settings": settings,
-    }
-    result["mean_stable_rank"] = float(np.mean(list(result["stable_rank"].values())))
-    result_path.write_text(json.dumps(result, indent=1))
-    return result if finished else None
+    # 6. record: a run stopped at its time limit records where it got to (finished: false); run again to resume
+    result = make_record(trainer, output, settings, arm, data_args, meta, counts, clock, tokens_per_step)
+    write_record(output_dir, result)
+    return result if result["finished"] else None
 
 
 def main(argv=None) -> None:
