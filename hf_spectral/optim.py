@@ -54,6 +54,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+try:  # FSDP2 (fully_shard) holds parameters as DTensors
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # a torch without torch.distributed.tensor
+    DTensor = Replicate = None
+
 __all__ = [
     "MOMENTS",
     "CoefficientProjector",
@@ -136,8 +141,28 @@ class SpectralAdamW(torch.optim.Optimizer):
         # keyed by parameter identity; not part of state_dict (rebuilt from the model on resume)
         self.projectors = dict(projectors or {})
 
+    def _check_parameters(self) -> None:
+        """Raise before anything moves if a wrapper replaced the coefficients by tensors of its own."""
+        if not self.projectors or all(g["moments"] == "coefficient" for g in self.param_groups):
+            return
+        # ZeRO and FSDP1 step flat tensors of their own: then not one stepped tensor is a known coefficient tensor
+        stepped = [p for g in self.param_groups for p in g["params"]]
+        trainable = sum(p.requires_grad for p in self.projectors)
+        if trainable and not any(p in self.projectors for p in stepped):
+            raise RuntimeError(
+                f"SpectralAdamW has projectors for {trainable} trainable spectral coefficient tensors, and none of them "
+                f"is among the {len(stepped)} tensors it is asked to step: a wrapper replaced the model's parameters "
+                "by copies of its own. DeepSpeed ZeRO (stages 1-3) steps flattened fp32 partitions (and FSDP1 flat "
+                "parameters), on which the weight-basis statistics cannot be computed: the step would silently be "
+                "plain AdamW. SpectralAdamW works in one process, under DDP (torch or Accelerate) and under FSDP2 "
+                "(fully_shard, the optimiser built after sharding). Under DeepSpeed use its AdamW "
+                '("optimizer": {"type": "AdamW"} in the config) or moments="coefficient"; with several optimisers, '
+                "give each only the projectors of its own parameters."
+            )
+
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_parameters()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -151,22 +176,27 @@ class SpectralAdamW(torch.optim.Optimizer):
                     raise RuntimeError("SpectralAdamW does not support sparse gradients.")
                 projector = self.projectors.get(param)
                 moments = group["moments"] if projector is not None else "coefficient"
+                # Under FSDP2 a rank holds a shard of the K coefficients, and the weight-basis statistics need all
+                # of them: step the gathered tensor (the same on every rank; the state is then whole on each rank)
+                # and keep this rank's shard of the result.
+                target, grad = param, param.grad
+                if moments != "coefficient" and DTensor is not None and isinstance(param, DTensor):
+                    target, grad = param.full_tensor(), grad.full_tensor()
                 state = self.state[param]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
                     if moments == "weight":
-                        state["exp_avg_sq"] = param.new_zeros(projector.m, projector.n)
+                        state["exp_avg_sq"] = target.new_zeros(projector.m, projector.n)
                     elif moments == "factored":
-                        state["exp_avg_sq_row"] = param.new_zeros(projector.m)
-                        state["exp_avg_sq_col"] = param.new_zeros(projector.n)
+                        state["exp_avg_sq_row"] = target.new_zeros(projector.m)
+                        state["exp_avg_sq_col"] = target.new_zeros(projector.n)
                     else:
                         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = float(state["step"])
-                grad = param.grad
                 if wd != 0.0:
-                    param.mul_(1.0 - lr * wd)
+                    target.mul_(1.0 - lr * wd)
                 exp_avg = state["exp_avg"]
                 exp_avg.lerp_(grad, 1.0 - beta1)
                 correction1 = 1.0 - beta1**step
@@ -190,7 +220,10 @@ class SpectralAdamW(torch.optim.Optimizer):
                     # rank-1 estimate of the m x n second moment: r_i c_j / mean(r) (Adafactor)
                     second = torch.outer(row, col) / (row.mean().clamp_min(1e-30) * correction2)
                 direction = projector.lift(exp_avg) / (second.sqrt_().add_(eps) * correction1)
-                param.sub_(projector.restrict(direction), alpha=lr)
+                target.sub_(projector.restrict(direction), alpha=lr)
+                if target is not param:  # Replicate -> the parameter's placements is a local slice, no communication
+                    whole = DTensor.from_local(target, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
+                    param.copy_(whole.redistribute(param.device_mesh, param.placements))
         return loss
 
 
