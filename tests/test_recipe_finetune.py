@@ -93,6 +93,15 @@ def test_rotten_tomatoes_split_is_by_movie_and_drops_plots():
     assert len(texts["train"] & texts["test"]) < 10
 
 
+def test_shakespeare_text_reads_the_copy_shipped_with_the_char_recipe():
+    import hashlib
+
+    text = data.shakespeare_text(str(REPO / "recipes" / "shakespeare_char" / "data" / "input.txt.bz2"))
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == (
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    )
+
+
 def test_local_accuracy_metric_works_offline():
     compute = train.accuracy_metric(train.RecipeArguments())
     logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).numpy()

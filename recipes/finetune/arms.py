@@ -62,20 +62,3 @@ def peft_config_for(
         # PEFT's default init (random spectrum, not the identity) and its scaling: what a user gets
         return FourierFTConfig(n_frequency=n_coefficients, scaling=scale, random_loc_seed=seed, **common)
     return WaveFTConfig(n_frequency=n_coefficients, scaling=scale, random_loc_seed=seed, **common)
-
-
-def parameter_counts(model, head_names: tuple[str, ...] = ()) -> dict:
-    """Trainable parameters, split into the adapter (or body) and the task head, and the model's total.
-
-    ``head_names``: substrings of parameter names that belong to the head (for example ``"classifier"``), counted
-    apart so that adapters are compared on what they add, not on the head every arm trains alike.
-    """
-    trainable = head = total = 0
-    for name, param in model.named_parameters():
-        total += param.numel()
-        if not param.requires_grad:
-            continue
-        trainable += param.numel()
-        if any(h in name for h in head_names):
-            head += param.numel()
-    return {"trainable": trainable, "trainable_head": head, "trainable_adapter": trainable - head, "total": total}

@@ -17,11 +17,12 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from ..common import find_records, fmt, hardware_line, mean_std
+
 
 def load_runs(folder: Path) -> tuple[list[dict], dict[str, dict]]:
     runs, timing = [], {}
-    for path in sorted(folder.rglob("run.json")):
-        record = json.loads(path.read_text())
+    for path, record in find_records(folder):
         if "_timing" in path.relative_to(folder).parts:
             timing[record["arm"]] = record
         elif record.get("evaluated", True):
@@ -55,13 +56,6 @@ def _rank(record: dict | None, task: str) -> tuple[float, float]:
     return rank(record["results"], task) if record is not None else (-math.inf, -math.inf)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
-
-
 METHOD_ORDER = ("lora", "fourierft", "waveft", "spectral", "full")
 
 
@@ -83,8 +77,8 @@ def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
         best = max(sorted(by_lr), key=lambda lr, s=first_seed, runs=by_lr, task=task: _rank(runs[lr].get(s), task))
         finals = list(by_lr[best].values())
         sample = finals[0]
-        test_mean, test_std = _mean_std([_value(r, "test") for r in finals])
-        val_mean, val_std = _mean_std([_value(r, "validation") for r in finals])
+        test_mean, test_std = mean_std([_value(r, "test") for r in finals])
+        val_mean, val_std = mean_std([_value(r, "validation") for r in finals])
         shared_steps = [r["step_time"]["median_s"] for r in finals if r.get("step_time")]
         if arm in timing and timing[arm].get("step_time"):
             step, step_source = timing[arm]["step_time"], "alone"
@@ -114,14 +108,10 @@ def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
             "hardware": sample["hardware"],
             "sweep": {lr: _value(seeds[first_seed], "validation") for lr, seeds in sorted(by_lr.items())
                       if first_seed in seeds},
-            "relative_update": _mean_std([d.get("relative_update_median", float("nan")) for d in diagnostics])[0],
-            "stable_rank": _mean_std([d.get("stable_rank_median", float("nan")) for d in diagnostics])[0],
+            "relative_update": mean_std([d.get("relative_update_median", float("nan")) for d in diagnostics])[0],
+            "stable_rank": mean_std([d.get("stable_rank_median", float("nan")) for d in diagnostics])[0],
         }
     return {a["arm"]: a for a in sorted(arms.values(), key=_order)}
-
-
-def _fmt(value: float, digits: int = 4) -> str:
-    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
 def _reference(arms: dict, method: str, budget=None) -> dict | None:
@@ -143,8 +133,7 @@ def markdown(arms: dict, title: str) -> str:
     lines = [f"# {title}", ""]
     hw = next(iter(arms.values()))["hardware"]
     lines.append(
-        f"Hardware: {hw['device']} ({hw['cpu']}, {hw['cpu_count']} CPUs), torch {hw['torch']}, transformers "
-        f"{hw['transformers']}, peft {hw['peft']}. Each arm at its best learning rate (best validation {name} of the "
+        f"Hardware: {hardware_line(hw)}. Each arm at its best learning rate (best validation {name} of the "
         f"first seed); test {name} over the seeds at that rate, mean ± std."
     )
     lines += ["", f"| arm | trainable (adapter) | × LoRA r=8 | best lr | scaling | val {name}{unit} | test {name}{unit} "
@@ -153,13 +142,13 @@ def markdown(arms: dict, title: str) -> str:
         ratio = arm["trainable_adapter"] / lora["trainable_adapter"] if lora else float("nan")
         step = arm["step"].get("median_s", float("nan"))
         lora_step = lora["step"].get("median_s", float("nan")) if lora else float("nan")
-        spread = f" ± {_fmt(scale * arm['test_std'], 2)}" if math.isfinite(arm["test_std"]) else ""
+        spread = f" ± {fmt(scale * arm['test_std'], 2)}" if math.isfinite(arm["test_std"]) else ""
         lines.append(
-            f"| {arm['arm']} | {arm['trainable_adapter']:,} | {_fmt(ratio, 3)} | {arm['best_lr']:g} | "
+            f"| {arm['arm']} | {arm['trainable_adapter']:,} | {fmt(ratio, 3)} | {arm['best_lr']:g} | "
             f"{arm['scaling'] if arm['scaling'] is not None else '–'} | "
-            f"{_fmt(scale * arm['validation_mean'], 2)} | {_fmt(scale * arm['test_mean'], 2)}{spread} | "
-            f"{len(arm['seeds'])} | {_fmt(step, 4)} ({arm['step_source']}) | {_fmt(step / lora_step, 2)} | "
-            f"{_fmt(arm['train_seconds'], 0)} |"
+            f"{fmt(scale * arm['validation_mean'], 2)} | {fmt(scale * arm['test_mean'], 2)}{spread} | "
+            f"{len(arm['seeds'])} | {fmt(step, 4)} ({arm['step_source']}) | {fmt(step / lora_step, 2)} | "
+            f"{fmt(arm['train_seconds'], 0)} |"
         )
     lines.append("")
     lines.append(f"Trainable (adapter) leaves out the task head every arm trains alike "
@@ -173,7 +162,7 @@ def markdown(arms: dict, title: str) -> str:
         cells = []
         for lr in lrs:
             value = arm["sweep"].get(lr)
-            cells.append("" if value is None else _fmt(scale * value, 2) + ("*" if lr == arm["best_lr"] else ""))
+            cells.append("" if value is None else fmt(scale * value, 2) + ("*" if lr == arm["best_lr"] else ""))
         lines.append(f"| {arm['arm']} | " + " | ".join(cells) + " |")
 
     # the update each adapter learned
@@ -183,8 +172,8 @@ def markdown(arms: dict, title: str) -> str:
         if arm["method"] == "full":
             continue
         product = arm["best_lr"] * arm["scaling"] if arm["scaling"] is not None else float("nan")
-        lines.append(f"| {arm['arm']} | {_fmt(product, 4)} | {_fmt(arm['relative_update'], 4)} | "
-                     f"{_fmt(arm['stable_rank'], 1)} |")
+        lines.append(f"| {arm['arm']} | {fmt(product, 4)} | {fmt(arm['relative_update'], 4)} | "
+                     f"{fmt(arm['stable_rank'], 1)} |")
 
     # the targets
     lines += ["", "## Targets", ""]

@@ -10,12 +10,14 @@
   splits) or the local ``rotten_tomatoes_corpus_full.csv.bz2`` (columns ``category,text,movie_name``): ``plot`` rows
   are dropped, ``fresh`` is label 1 and ``rotten`` 0, and the reviews are split 80/10/10 by movie (a hash of the
   movie's name), so no movie is in two splits and the split is the same on every machine.
-- Tiny Shakespeare: a local ``input.txt`` or a URL (downloaded once into the cache); first 90% of the characters
+- Tiny Shakespeare: a local ``input.txt`` (or ``.bz2``, like ``recipes/shakespeare_char/data/input.txt.bz2``, the copy
+  shipped with the char recipe) or a URL (downloaded once into the cache); first 90% of the characters
   for training and the last 10% for validation (the nanoGPT convention).
 """
 
 from __future__ import annotations
 
+import bz2
 import hashlib
 import importlib.util
 import os
@@ -123,7 +125,7 @@ def load_rotten_tomatoes(source: str) -> DatasetDict:
 
 
 def shakespeare_text(source: str) -> str:
-    """The corpus from a local file or a URL (downloaded once into the cache)."""
+    """The corpus from a local file (plain or .bz2) or a URL (downloaded once into the cache)."""
     if source.startswith(("http://", "https://")):
         target = cache_dir() / "data" / Path(source).name
         if not target.exists():
@@ -131,6 +133,8 @@ def shakespeare_text(source: str) -> str:
             urllib.request.urlretrieve(source, target.with_suffix(".partial"))
             target.with_suffix(".partial").rename(target)
         source = str(target)
+    if source.endswith(".bz2"):  # e.g. the copy shipped with the char recipe: recipes/shakespeare_char/data/
+        return bz2.decompress(Path(source).read_bytes()).decode("utf-8")
     return Path(source).read_text(encoding="utf-8")
 
 

@@ -153,10 +153,10 @@ def main(argv=None) -> None:
     args.overrides += [a for a in args.arms or [] if "=" in a]
     args.arms = [a for a in args.arms or [] if "=" not in a]
 
-    from .train import _override
+    from ..common import parse_overrides
 
     profile = load_profile(args.profile)
-    overrides = _override(args.overrides)
+    overrides = parse_overrides(args.overrides)
     profile["defaults"].update(overrides)
     if args.arms:
         profile["arms"] = [a for a in profile["arms"] if a["arm"] in args.arms]

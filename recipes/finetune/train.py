@@ -15,6 +15,10 @@ and ``key=value`` overrides both. The merged settings are parsed into ``RecipeAr
 adapter's (or the body's) learning rate; the task head always trains at ``head_lr``, the same for every arm, so that
 a sweep over ``--lr`` moves only what the methods differ in.
 
+``run()`` reads top to bottom: arguments -> data -> model -> optimiser -> Trainer -> record, and the sections of this
+file come in that order; what recipes share (profiles, overrides, records, hardware, stable rank, the progress bar) is
+in ``recipes/common``.
+
 The run writes ``{runs_dir}/{profile}/{arm}/lr{lr}/seed{seed}/run.json``: settings, trainable parameter counts, the
 metric on validation (used to pick each method's learning rate) and test, loss curves, step times (median, min, max
 after ``timing_warmup_steps``), peak memory, wall time and the hardware it ran on.
@@ -23,12 +27,9 @@ after ``timing_warmup_steps``), peak memory, wall time and the hardware it ran o
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import time
@@ -38,7 +39,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-import yaml
 from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import (
@@ -56,13 +56,31 @@ from transformers import (
 
 from hf_spectral.optim import SpectralAdamW, spectral_projectors
 
-from .arms import METHODS, parameter_counts, peft_config_for
+from ..common import (
+    OPTIMIZERS,
+    arm_settings,
+    check_optimizer,
+    hardware,
+    load_profile,
+    parameter_counts,
+    parse_overrides,
+    quiet,
+    read_record,
+    stable_rank,
+    write_record,
+)
+from .arms import METHODS, peft_config_for
 from .data import load_rotten_tomatoes, resolve_model, shakespeare_blocks, shakespeare_text
 
+__all__ = ["arm_settings", "load_profile", "parse_overrides", "parse_settings", "run"]  # the first three: common's
+
 TASKS = ("cls", "lm")
-OPTIMIZER_MOMENTS = {"adamw": None, "wadam": "weight", "wfactored": "factored"}  # name -> SpectralAdamW moments
 LOCAL_METRICS = Path(__file__).parent / "metrics"
 SWEEP_KEYS = ("lrs", "seeds", "skip_timing")  # read by sweep.py, not by a run
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. arguments
 
 
 @dataclass
@@ -108,8 +126,10 @@ class RecipeArguments:
     )
     optimizer: str = field(
         default="adamw",
-        metadata={"help": "adamw, or for spectral arms SpectralAdamW with its second moment in the weight basis: "
-                          "wadam (full) or wfactored (row/column factored); see hf_spectral.optim."},
+        metadata={
+            "help": "adamw, or for spectral arms SpectralAdamW with its second moment in the weight basis: "
+            "wadam (full) or wfactored (row/column factored); see hf_spectral.optim."
+        },
     )
     timing_warmup_steps: int = field(default=5, metadata={"help": "Steps left out of the step-time statistics."})
     allow_tf32: bool = field(default=True, metadata={"help": "On a GPU, let fp32 matmuls use TF32 (all arms alike)."})
@@ -124,37 +144,7 @@ class RecipeArguments:
             raise ValueError(f"task={self.task!r} is not one of {TASKS}.")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
-        if self.optimizer not in OPTIMIZER_MOMENTS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZER_MOMENTS)}.")
-        if self.optimizer != "adamw" and self.method != "spectral":
-            raise ValueError(
-                f"optimizer={self.optimizer!r} is for spectral arms (method=spectral), not method={self.method!r}; "
-                "use optimizer=adamw."
-            )
-
-
-# --------------------------------------------------------------------------------------------------
-# settings
-
-
-def load_profile(path: str) -> dict:
-    with open(path) as f:
-        profile = yaml.safe_load(f)
-    for key in ("name", "defaults", "arms"):
-        if key not in profile:
-            raise ValueError(f"Profile {path} has no {key!r}: it needs name, defaults and arms.")
-    return profile
-
-
-def arm_settings(profile: dict, arm: str) -> dict:
-    """The profile's defaults overridden by the arm's own keys."""
-    arms = {a["arm"]: a for a in profile["arms"]}
-    if arm not in arms:
-        raise ValueError(f"Profile {profile['name']!r} has no arm {arm!r}; its arms are {sorted(arms)}.")
-    merged = copy.deepcopy(profile["defaults"])
-    merged.update(copy.deepcopy(arms[arm]))
-    merged["profile"] = profile["name"]
-    return merged
+        check_optimizer(self.optimizer, spectral=self.method == "spectral", arm=f"method={self.method!r}")
 
 
 def run_folder(recipe: RecipeArguments, lr: float, seed: int) -> Path:
@@ -173,88 +163,7 @@ def parse_settings(settings: dict, lr: float, seed: int) -> tuple[RecipeArgument
 
 
 # --------------------------------------------------------------------------------------------------
-# measuring
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (forward, backward, update), synchronised with the GPU."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        _sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        _sync()
-        self.times.append(time.perf_counter() - self._start)
-
-
-def step_statistics(times: list[float], warmup: int) -> dict:
-    kept = times[warmup:] if len(times) > warmup else times
-    if not kept:
-        return {}
-    return {
-        "median_s": statistics.median(kept),
-        "min_s": min(kept),
-        "max_s": max(kept),
-        "steps_timed": len(kept),
-    }
-
-
-def hardware() -> dict:
-    info = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    import peft
-    import transformers
-
-    info.update(transformers=transformers.__version__, peft=peft.__version__)
-    return info
-
-
-def update_diagnostics(model) -> dict:
-    """Per adapted layer: ||dW||_F / ||W0||_F and the stable rank ||dW||_F^2 / ||dW||_2^2 of the update."""
-    relative, stable = [], []
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, BaseTunerLayer):
-                continue
-            base = module.get_base_layer()
-            for adapter in module.active_adapters:
-                try:
-                    delta = module.get_delta_weight(adapter).float()
-                except (KeyError, AttributeError):
-                    continue
-                fro = torch.linalg.matrix_norm(delta).item()
-                relative.append(fro / max(torch.linalg.matrix_norm(base.weight.float()).item(), 1e-12))
-                # ||dW||_2^2 is the top eigenvalue of the smaller Gram matrix: cheaper than an SVD
-                gram = delta.T @ delta if delta.shape[0] >= delta.shape[1] else delta @ delta.T
-                top = torch.linalg.eigvalsh(gram.double())[-1].item()
-                stable.append(fro**2 / top if top > 0 else 0.0)
-    if not relative:
-        return {}
-    return {
-        "relative_update_median": float(np.median(relative)),
-        "relative_update_max": float(np.max(relative)),
-        "stable_rank_median": float(np.median(stable)),
-        "layers": len(relative),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# data and models
+# 2. data
 
 
 def _evenly(n_total: int, n_keep: Optional[int]) -> list[int]:
@@ -311,7 +220,9 @@ def _lm_data(recipe: RecipeArguments, tokenizer) -> dict[str, Blocks]:
     blocks = shakespeare_blocks(shakespeare_text(recipe.data), tokenizer, recipe.block_size)
     train = blocks["train"]
     if recipe.max_train_examples is not None:
-        train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[: recipe.max_train_examples]]
+        train = train[
+            torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))[: recipe.max_train_examples]
+        ]
     held_out = {s: blocks[s][_evenly(blocks[s].shape[0], recipe.max_eval_examples)] for s in ("validation", "test")}
     return {"train": Blocks(train), **{s: Blocks(b) for s, b in held_out.items()}}
 
@@ -329,11 +240,36 @@ def accuracy_metric(recipe: RecipeArguments):
     return compute
 
 
-def build_model(recipe: RecipeArguments, seed: int):
-    """The pretrained model with the arm's adapter (or fully trainable), and its tokenizer."""
+def load_tokenizer(recipe: RecipeArguments):
+    """The model's tokenizer (its pad token the end-of-text token if it has none) and where the model is."""
     path = resolve_model(recipe.model)
-    dtype = getattr(torch, recipe.model_dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, path
+
+
+def task_data(recipe: RecipeArguments, tokenizer) -> tuple:
+    """The training set, the held-out sets (validation, test), the collator and the metric of the task."""
+    if recipe.task == "cls":
+        data = classification_data(recipe, tokenizer)
+        return (
+            data["train"],
+            {"validation": data["validation"], "test": data["test"]},
+            DataCollatorWithPadding(tokenizer),
+            accuracy_metric(recipe),
+        )
+    data = lm_data(recipe, tokenizer)
+    return data["train"], {"validation": data["validation"], "test": data["test"]}, default_data_collator, None
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. model
+
+
+def build_model(recipe: RecipeArguments, path: str, tokenizer, seed: int):
+    """The pretrained model with the arm's adapter (or fully trainable), its size before it, and the PEFT config."""
+    dtype = getattr(torch, recipe.model_dtype)
     set_seed(seed)  # the head's init
     if recipe.task == "cls":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=dtype)
@@ -341,8 +277,6 @@ def build_model(recipe: RecipeArguments, seed: int):
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         task_type, modules_to_save = "CAUSAL_LM", None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     base_total = sum(p.numel() for p in model.parameters())
     config = peft_config_for(
@@ -359,7 +293,11 @@ def build_model(recipe: RecipeArguments, seed: int):
     )
     if config is not None:
         model = get_peft_model(model, config)
-    return model, tokenizer, base_total, config
+    return model, base_total, config
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. optimiser
 
 
 def build_optimizer(model, recipe: RecipeArguments, training: TrainingArguments) -> torch.optim.Optimizer:
@@ -374,7 +312,7 @@ def build_optimizer(model, recipe: RecipeArguments, training: TrainingArguments)
     if head:
         groups.append({"params": head, "lr": recipe.head_lr, "weight_decay": 0.0})
     betas, eps = (training.adam_beta1, training.adam_beta2), training.adam_epsilon
-    moments = OPTIMIZER_MOMENTS[recipe.optimizer]
+    moments = OPTIMIZERS[recipe.optimizer]
     if moments is None:
         return torch.optim.AdamW(groups, betas=betas, eps=eps)
     # Adam's statistics in the weight basis for the coefficients; the head gets plain AdamW from the same optimiser
@@ -382,56 +320,88 @@ def build_optimizer(model, recipe: RecipeArguments, training: TrainingArguments)
 
 
 # --------------------------------------------------------------------------------------------------
-# one run
+# 5. Trainer
 
 
-def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
-    """Train and evaluate one (arm, lr, seed); return and write its record. Skips a run whose run.json exists."""
-    recipe, training = parse_settings(settings, lr, seed)
-    folder = Path(training.output_dir)
-    if (folder / "run.json").exists() and not overwrite:
-        return json.loads((folder / "run.json").read_text())
-    started = time.time()
-    if torch.cuda.is_available() and recipe.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model, tokenizer, base_total, peft_config = build_model(recipe, seed)
-    counts = parameter_counts(model, (recipe.head,) if recipe.task == "cls" else ())
-    counts["base_model"] = base_total
-
-    if recipe.task == "cls":
-        data = classification_data(recipe, tokenizer)
-        train_set, evals = data["train"], {"validation": data["validation"], "test": data["test"]}
-        collator, compute_metrics = DataCollatorWithPadding(tokenizer), accuracy_metric(recipe)
-    else:
-        data = lm_data(recipe, tokenizer)
-        train_set, evals = data["train"], {"validation": data["validation"], "test": data["test"]}
-        collator, compute_metrics = default_data_collator, None
-
-    timer = StepTimer()
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=train_set,
-        eval_dataset=evals["validation"],
-        data_collator=collator,
-        compute_metrics=compute_metrics,
-        callbacks=[timer],
-        optimizers=(build_optimizer(model, recipe, training), None),
-    )
+def _sync() -> None:
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    train_started = time.time()
-    output = trainer.train()
-    train_seconds = time.time() - train_started
+        torch.cuda.synchronize()
 
-    results = {}
-    for split, dataset in (evals.items() if recipe.evaluate else ()):
-        metrics = trainer.evaluate(dataset, metric_key_prefix=split)
-        results[split] = {k.removeprefix(f"{split}_"): v for k, v in metrics.items()}
-        if recipe.task == "lm":
-            results[split]["perplexity"] = math.exp(min(results[split]["loss"], 50.0))
 
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (forward, backward, update), synchronised with the GPU."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. record
+
+
+def step_statistics(times: list[float], warmup: int) -> dict:
+    kept = times[warmup:] if len(times) > warmup else times
+    if not kept:
+        return {}
+    return {
+        "median_s": statistics.median(kept),
+        "min_s": min(kept),
+        "max_s": max(kept),
+        "steps_timed": len(kept),
+    }
+
+
+def update_diagnostics(model) -> dict:
+    """Per adapted layer: ||dW||_F / ||W0||_F and the stable rank ||dW||_F^2 / ||dW||_2^2 of the update."""
+    relative, stable = [], []
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            base = module.get_base_layer()
+            for adapter in module.active_adapters:
+                try:
+                    delta = module.get_delta_weight(adapter).float()
+                except (KeyError, AttributeError):
+                    continue
+                fro = torch.linalg.matrix_norm(delta).item()
+                relative.append(fro / max(torch.linalg.matrix_norm(base.weight.float()).item(), 1e-12))
+                stable.append(stable_rank(delta))
+    if not relative:
+        return {}
+    return {
+        "relative_update_median": float(np.median(relative)),
+        "relative_update_max": float(np.max(relative)),
+        "stable_rank_median": float(np.median(stable)),
+        "layers": len(relative),
+    }
+
+
+def make_record(
+    trainer: Trainer,
+    output,
+    recipe: RecipeArguments,
+    training: TrainingArguments,
+    settings: dict,
+    results: dict,
+    counts: dict,
+    peft_config,
+    timer: StepTimer,
+    seed: int,
+    lr: float,
+    started: float,
+    train_seconds: float,
+) -> dict:
+    """What ``run.json`` holds: settings, parameter counts, metrics, curves, step times, memory, hardware."""
     history = trainer.state.log_history
     record = {
         "profile": recipe.profile,
@@ -459,31 +429,90 @@ def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "hardware": hardware(),
-        "diagnostics": update_diagnostics(model) if recipe.diagnostics and peft_config is not None else {},
+        "diagnostics": update_diagnostics(trainer.model) if recipe.diagnostics and peft_config is not None else {},
         "evaluated": recipe.evaluate,
     }
     if recipe.task == "lm":
         record["tokens_per_step"] = record["examples_per_step"] * recipe.block_size
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "run.json.partial"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(folder / "run.json")  # a run.json that exists is complete
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# one run, top to bottom
+
+
+def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
+    """Train and evaluate one (arm, lr, seed); return and write its record. Skips a run whose run.json exists."""
+    # 1. arguments (a run with a record is done: a record is only written whole, at the end)
+    recipe, training = parse_settings(settings, lr, seed)
+    folder = Path(training.output_dir)
+    if (folder / "run.json").exists() and not overwrite:
+        return read_record(folder)
+    started = time.time()
+    if torch.cuda.is_available() and recipe.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 2. data: tokenized once per process for every run that shares it
+    tokenizer, model_path = load_tokenizer(recipe)
+    train_set, evals, collator, compute_metrics = task_data(recipe, tokenizer)
+
+    # 3. model: the pretrained model with the arm's adapter (or every weight trainable)
+    model, base_total, peft_config = build_model(recipe, model_path, tokenizer, seed)
+    counts = parameter_counts(model, (recipe.head,) if recipe.task == "cls" else ())
+    counts["base_model"] = base_total
+
+    # 4. optimiser: the head at head_lr, the rest at lr
+    optimizer = build_optimizer(model, recipe, training)
+
+    # 5. Trainer: a progress bar (unless disable_tqdm) instead of printed logs; then each held-out split
+    timer = StepTimer()
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=train_set,
+        eval_dataset=evals["validation"],
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        callbacks=[timer],
+        optimizers=(optimizer, None),
+    )
+    quiet(trainer, label=recipe.arm)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train_started = time.time()
+    output = trainer.train()
+    train_seconds = time.time() - train_started
+    results = {}
+    for split, dataset in evals.items() if recipe.evaluate else ():
+        metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+        results[split] = {k.removeprefix(f"{split}_"): v for k, v in metrics.items()}
+        if recipe.task == "lm":
+            results[split]["perplexity"] = math.exp(min(results[split]["loss"], 50.0))
+
+    # 6. record
+    record = make_record(
+        trainer,
+        output,
+        recipe,
+        training,
+        settings,
+        results,
+        counts,
+        peft_config,
+        timer,
+        seed,
+        lr,
+        started,
+        train_seconds,
+    )
+    write_record(folder, record)  # a run.json that exists is complete
 
     del trainer, model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
-
-
-def _override(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"Override {pair!r} is not key=value.")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -496,13 +525,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key=value settings over the profile's.")
     args = parser.parse_intermixed_args(argv)
     settings = arm_settings(load_profile(args.profile), args.arm)
-    settings.update(_override(args.overrides))
+    settings.update(parse_overrides(args.overrides))
     lr = args.lr if args.lr is not None else settings.get("lrs", [settings.get("learning_rate", 1e-3)])[0]
     record = run(settings, lr, args.seed, overwrite=args.overwrite)
     key = "accuracy" if record["task"] == "cls" else "perplexity"
     summary = {split: round(r[key], 4) for split, r in record["results"].items()}
-    print(json.dumps({"arm": record["arm"], "lr": lr, "seed": args.seed, key: summary,
-                      "s_per_step": record["step_time"].get("median_s")}))
+    print(
+        json.dumps(
+            {
+                "arm": record["arm"],
+                "lr": lr,
+                "seed": args.seed,
+                key: summary,
+                "s_per_step": record["step_time"].get("median_s"),
+            }
+        )
+    )
     return record
 
 
