@@ -1,0 +1,92 @@
+"""The spectral-mixing recipe: every arm's smoke run, its pinned loss trajectory, the table, the benchmark, Trainer."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import VOCAB, make_gpt2
+from transformers import Trainer, TrainingArguments
+
+from hf_spectral.mixing import SpectralMixingConfig, replace_attention
+from recipes.spectral_mixing import bench, compare, train
+from recipes.spectral_mixing.data import load
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "recipes" / "spectral_mixing" / "configs" / "smoke.yaml")
+
+# the first six training losses of each smoke arm (seed 0), as measured when the recipe was written
+PINNED = {
+    "attention": [4.1845, 4.1297, 4.0684, 4.0029, 3.9681, 3.9348],
+    "mixer": [4.1826, 4.1417, 4.0873, 4.0263, 3.9863, 3.9473],
+    "mixer_spectral": [4.1781, 4.1436, 4.0915, 4.0429, 3.9919, 3.9542],
+}
+
+
+def test_data_is_nanogpt_split_of_tiny_shakespeare():
+    data = load()
+    assert data.vocab_size == 65
+    assert len(data.train) == int(0.9 * (len(data.train) + len(data.val)))
+    assert data.chars[data.train[0]] == "F"  # "First Citizen:"
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pass --input"):
+        load(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="dataset='ptb'"):
+        load(dataset="ptb")
+    with pytest.raises(ValueError, match=r"unknown settings \['n_layers'\]"):
+        train.load_settings(SMOKE, "mixer", 0, ["n_layers=3"])
+    with pytest.raises(ValueError, match="--arm 'lstm' is not in"):
+        train.load_settings(SMOKE, "lstm", 0, [])
+
+
+@pytest.mark.parametrize("arm", ["attention", "mixer", "mixer_spectral"])
+def test_smoke_run_writes_its_record_and_follows_the_pinned_losses(tmp_path, arm):
+    result = train.main([SMOKE, "--arm", arm, f"runs_dir={tmp_path}", "threads=1"])
+    record = json.loads((tmp_path / "smoke" / arm / "seed0" / "run.json").read_text())
+    assert record["val_loss"] == result["val_loss"] and math.isfinite(record["val_loss"])
+    assert record["val_loss"] < math.log(65)
+    losses = [loss for _, loss in record["train_curve"]]
+    assert losses == pytest.approx(PINNED[arm], abs=3e-3)
+    assert record["parameters"]["total"] > 0 and record["tokens"] == 6 * 4 * 32
+
+
+def test_compare_table_puts_attention_first_and_reports_the_difference(tmp_path):
+    for arm in ("mixer", "attention"):
+        train.main([SMOKE, "--arm", arm, f"runs_dir={tmp_path}", "threads=1", "max_steps=2"])
+    table = compare.rows(compare.collect([str(tmp_path / "smoke")]))
+    assert [r["arm"] for r in table] == ["attention", "mixer"]
+    assert table[1]["vs_attention"] == pytest.approx(table[1]["val_loss"] - table[0]["val_loss"])
+    assert "| 32 | mixer | 31 |" in compare.markdown(table)
+
+
+def test_bench_summary_fits_slopes_and_finds_the_crossover():
+    assert bench.slope([1024, 2048, 4096], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
+    assert bench.slope([1024, 2048], [1.0, 4.0]) == pytest.approx(2.0)
+    assert bench.crossover([1024, 2048, 4096], [1.0, 4.0, 16.0], [2.0, 4.0, 8.0]) == pytest.approx(2048)
+    assert bench.crossover([1024, 2048], [1.0, 2.0], [2.0, 4.0]) is None
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end(tmp_path):
+    results = bench.main(["--lengths", "64", "128", "--contexts", "64", "128", "--out", str(tmp_path)])
+    assert (tmp_path / "bench.png").is_file()
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved["train"]) == {"attention", "mixer"} and saved["summary"] == results["summary"]
+
+
+@pytest.mark.slow
+def test_trainer_trains_a_mixer_model(tmp_path):
+    model = replace_attention(make_gpt2(), SpectralMixingConfig(reconstruction_weight=0.1)).train()
+    ids = torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-2,
+                             report_to="none", logging_steps=4, save_strategy="no", use_cpu=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    out = trainer.train()
+    assert math.isfinite(out.training_loss)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.save_pretrained(tmp_path / "saved")
+    assert "spectral_mixing" in json.loads((tmp_path / "saved" / "config.json").read_text())
