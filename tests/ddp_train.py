@@ -22,9 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DistributedType, set_seed  # noqa: E402
-from ecosystem_utils import spectral_state, tiny_gpt2, token_rows  # noqa: E402
+from ecosystem_utils import spectral_state, token_rows  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from tiny_models import make_gpt2  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
     set_seed(0)
     budget = {"n_coefficients": 64} if args.mode == "delta" else {"coefficient_fraction": 0.5}
     config = SpectralConfig(mode=args.mode, layout=args.layout, target_modules=["c_attn", "c_proj", "c_fc"], **budget)
-    model = get_peft_model(tiny_gpt2(seed=0), config)
+    model = get_peft_model(make_gpt2(seed=0), config)
 
     rows = token_rows(args.global_batch * args.steps, seed=1)
     # each process takes batch_size rows per step; Accelerate deals consecutive batches to the processes

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
@@ -23,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from ecosystem_utils import tiny_gpt2, token_rows  # noqa: E402
+from ecosystem_utils import finish_rank, mean_over_ranks, reference_step, token_rows  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from tiny_models import make_gpt2  # noqa: E402
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions,
@@ -47,7 +47,7 @@ CONFIGS = {
 def build(mode: str, seed: int):
     # The evaluation-time weight cache stays on: the no-grad forwards below build it, and the checkpoint load
     # must drop it (FSDP2 gathers the loaded shards into the same memory without a version bump).
-    return get_peft_model(tiny_gpt2(seed=seed), SpectralConfig(**CONFIGS[mode]))
+    return get_peft_model(make_gpt2(seed=seed), SpectralConfig(**CONFIGS[mode]))
 
 
 def shard(model) -> None:
@@ -112,14 +112,8 @@ def run_mode(mode: str, out: str, rank: int, world: int) -> dict:
         loss.backward()  # FSDP reduce-scatters the mean gradient over ranks
         optimizer.step()
         optimizer.zero_grad()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
-        ref_loss = reference(input_ids=ids, labels=ids).loss
-        ref_loss.backward()
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
-        ref_losses.append(ref_loss.item())
+        losses.append(mean_over_ranks(loss, world))
+        ref_losses.append(reference_step(reference, ref_optimizer, ids))
     model.eval()
     reference.eval()
     ref_params = dict(reference.named_parameters())
@@ -166,10 +160,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"world_size": world, "modes": {mode: run_mode(mode, args.out, rank, world) for mode in CONFIGS}}
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(args.out, rank, results, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import torch
 
 assert os.environ["HF_ENDPOINT"].startswith("http://127.0.0.1:"), "this script only talks to a local test hub"
 
-from ecosystem_utils import tiny_gpt2, token_rows  # noqa: E402
+from ecosystem_utils import token_rows  # noqa: E402
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from tiny_models import make_gpt2  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_spectral  # noqa: E402  (registers the method; routes PeftModel.push_to_hub for spectral models)
@@ -35,7 +36,7 @@ def logits(model):
 
 
 # 1. the base model, pushed and loaded the transformers way
-tiny_gpt2(seed=0).push_to_hub(BASE)
+make_gpt2(seed=0).push_to_hub(BASE)
 base = AutoModelForCausalLM.from_pretrained(BASE)
 results["base_name_or_path"] = base.name_or_path
 

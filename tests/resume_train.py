@@ -18,9 +18,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ecosystem_utils import spectral_state, tiny_gpt2, token_rows  # noqa: E402
+from ecosystem_utils import spectral_state, token_rows  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from tiny_models import make_gpt2  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_spectral import SpectralConfig  # noqa: E402
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     # dropout on, so the resumed run must restore the RNG state exactly; 16 rows of 4 per step =
     # 4 steps per epoch, so 6 steps cross an epoch boundary
     model = get_peft_model(
-        tiny_gpt2(seed=0, dropout=0.1),
+        make_gpt2(seed=0, dropout=0.1),
         SpectralConfig(mode="replace", layout="random", coefficient_fraction=0.5, init_weights="random", seed=0),
     )
     training = TrainingArguments(

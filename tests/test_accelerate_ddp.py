@@ -14,8 +14,10 @@ import subprocess
 import ddp_train
 import pytest
 import torch
-from ecosystem_utils import REPO_ROOT, TESTS_DIR, bin_of, subprocess_env
+from ecosystem_utils import REPO_ROOT, TESTS_DIR, assert_recipe_runs_match, bin_of, single_thread, subprocess_env
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # accelerate launch, and Trainer runs
 
 SCRIPT = str(TESTS_DIR / "ddp_train.py")
 SMOKE = REPO_ROOT / "recipes" / "shakespeare_char" / "configs" / "smoke.yaml"
@@ -28,18 +30,8 @@ TRAIN_ARGS = ["--optimizer", "sgd", "--lr", "0.5", "--steps", "4", "--global-bat
 RECIPE_ARM = "lowfreq_mn2_adamw"
 
 
-def _recipe_data(root):
-    """A small stand-in for tiny Shakespeare (as in tests/test_recipe_shakespeare.py): no network."""
-    from recipes.shakespeare_char import prepare
-
-    lines = ["First Citizen:", "Before we proceed any further, hear me speak.", "", "All:", "Speak, speak.", ""]
-    (root / "input.txt").write_text("\n".join(lines * 120) + "\nABCDEFGHIJKLMNOPQRSTUVWXYZ!?;&'$-3.,:\n")
-    prepare.prepare(str(root / "input.txt"), root / "data")
-    return root / "data"
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("ddp")
     launch = [bin_of("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
@@ -47,16 +39,14 @@ def runs(tmp_path_factory):
     recipe = importlib.util.find_spec("recipes.shakespeare_char.train") is not None
     if recipe:
         # the char-Shakespeare recipe, unchanged, two processes with 2 rows each: the smoke profile's global batch of 4
-        data = _recipe_data(out)
+        data = request.getfixturevalue("shakespeare_data")
         commands.append(launch + ["-m", "recipes.shakespeare_char.train", str(SMOKE), "--arm", RECIPE_ARM, "--seed", "0",
                                   f"data_dir={data}", f"runs_dir={out / 'recipe_two'}", "per_device_train_batch_size=2"])
     # side by side: the launchers' workers and the single process share the machine's cores
     jobs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO_ROOT),
                              env=subprocess_env(ACCELERATE_USE_CPU="1")) for cmd in commands]
     # meanwhile, the one-process runs in this process (saving a third interpreter start)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         ddp_train.main(["--out", str(out / "one"), *TRAIN_ARGS])
         if recipe:  # 4 rows per step in one process
             from recipes.shakespeare_char import train
@@ -64,8 +54,6 @@ def runs(tmp_path_factory):
             settings = train.run_settings(train.load_profile(SMOKE), RECIPE_ARM, 0,
                                           [f"data_dir={data}", f"runs_dir={out / 'recipe_one'}"])
             train.train(settings)
-    finally:
-        torch.set_num_threads(threads)
     for cmd, job in zip(commands, jobs, strict=True):
         output, _ = job.communicate(timeout=300)
         assert job.returncode == 0, f"{' '.join(cmd)} exited {job.returncode}:\n{output[-6000:]}"
@@ -114,10 +102,6 @@ def test_the_shakespeare_recipe_runs_unchanged_on_two_processes_and_matches_one(
         pytest.skip("recipes/shakespeare_char is not in this checkout")
     two = json.loads(two_path.read_text())
     one = json.loads((runs / "recipe_one" / "smoke" / RECIPE_ARM / "seed0" / "run.json").read_text())
-    assert two["finished"] and two["hardware"]["world_size"] == 2 and one["hardware"]["world_size"] == 1
-    # the same tokens per step, the same losses (Trainer logs the mean over processes)
-    assert [t for t, _ in two["curves"]["train"]] == [t for t, _ in one["curves"]["train"]]
-    torch.testing.assert_close(torch.tensor(two["curves"]["train"]), torch.tensor(one["curves"]["train"]),
-                               rtol=1e-5, atol=1e-6)
+    assert_recipe_runs_match(two, one)
     torch.testing.assert_close(torch.tensor(two["curves"]["val"]), torch.tensor(one["curves"]["val"]),
                                rtol=1e-5, atol=1e-6)

@@ -122,17 +122,15 @@ def test_paths_in_float32_and_under_bf16_autocast(mode, layout):
 
 
 def test_a_path_that_does_not_fit_the_layer_is_a_clear_error():
-    layer = _layer("delta", "random")
-    layer.compute_path = "factored"
-    with pytest.raises(ValueError, match="not available.*scattered positions"):
-        layer(torch.randn(3, N, dtype=torch.float64))
-    layer.compute_path = "fastest"
-    with pytest.raises(ValueError, match="compute_path must be one of"):
-        layer(torch.randn(3, N, dtype=torch.float64))
-    replace = _layer("replace", "lowfreq")
-    replace.compute_path = "separate"
-    with pytest.raises(ValueError, match="not available"):
-        replace(torch.randn(3, N, dtype=torch.float64))
+    delta, replace = _layer("delta", "random"), _layer("replace", "lowfreq")
+    for layer, path, message in [
+        (delta, "factored", "not available.*scattered positions"),
+        (delta, "fastest", "compute_path must be one of"),
+        (replace, "separate", "not available"),
+    ]:
+        layer.compute_path = path
+        with pytest.raises(ValueError, match=message):
+            layer(torch.randn(3, N, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------------------------------

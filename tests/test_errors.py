@@ -6,7 +6,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_models import example_inputs, logits_of, make_gpt2, make_mlp
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_spectral import SpectralConfig, SpectralLayer
 
@@ -55,9 +54,8 @@ def test_unsupported_target_module_is_named():
 
 @pytest.mark.parametrize("kwargs", [{"layout": "energy"}, {"layout": "banded"}, {"mode": "replace", "init_weights": "project"}])
 def test_weight_dependent_choices_need_a_weight(kwargs):
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0)
     with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
+        model = make_gpt2(n_layer=1, n_embd=16, vocab_size=32, n_positions=16)
     kwargs = {"n_coefficients": 20, **kwargs} if kwargs.get("mode") != "replace" else kwargs
     with pytest.raises(ValueError, match="reads the existing weight of 'transformer.h.0.attn.c_attn'.*has none"):
         get_peft_model(model, SpectralConfig(target_modules=["c_attn"], **kwargs))
@@ -65,8 +63,7 @@ def test_weight_dependent_choices_need_a_weight(kwargs):
 
 def test_loading_into_a_model_of_other_shapes_names_the_layers_and_changes_nothing(tmp_path):
     get_peft_model(make_gpt2(), SpectralConfig(n_coefficients=30, target_modules=["c_attn", "c_fc"])).save_pretrained(tmp_path)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=48, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
-    other = GPT2LMHeadModel(config).eval()
+    other = make_gpt2(seed=1, n_embd=48)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     inputs = example_inputs("gpt2")
     expected = logits_of(other, inputs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ecosystem_utils import TESTS_DIR, bin_of, run_checked, subprocess_env
+from ecosystem_utils import TESTS_DIR, run_checked, subprocess_env, torchrun_command
 from safetensors import safe_open
 
 MODES = ("delta", "replace")
@@ -18,11 +18,11 @@ MODES = ("delta", "replace")
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    run_checked([bin_of("torchrun"), "--standalone", "--nproc_per_node", "2", str(TESTS_DIR / "fsdp_worker.py"),
-                 "--out", str(out)], timeout=300, env=subprocess_env())
+    run_checked(torchrun_command("fsdp_worker.py", "--out", str(out)), timeout=300, env=subprocess_env())
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("mode", MODES)
 def test_coefficients_are_dtensors_sharded_over_both_ranks(ranks, mode):
     _, results = ranks
@@ -36,6 +36,7 @@ def test_coefficients_are_dtensors_sharded_over_both_ranks(ranks, mode):
         assert zero["local"][0] + one["local"][0] == zero["global"][0] and zero["local"][0] < zero["global"][0]
 
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("mode", MODES)
 def test_sharded_training_matches_the_unsharded_model_on_the_whole_batch(ranks, mode):
     _, results = ranks
@@ -48,6 +49,7 @@ def test_sharded_training_matches_the_unsharded_model_on_the_whole_batch(ranks, 
         assert result["logits_diff_after_training"] < 1e-4
 
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("mode", MODES)
 def test_a_sharded_safetensors_checkpoint_loads_back_to_the_same_logits(ranks, mode):
     out, results = ranks

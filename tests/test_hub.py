@@ -18,6 +18,8 @@ import yaml
 from ecosystem_utils import TESTS_DIR, run_checked, subprocess_env
 from hub_server import LocalHub
 
+pytestmark = pytest.mark.slow  # the client runs in its own interpreter
+
 
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory):

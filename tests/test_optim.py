@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import make_gpt2
 from torch import nn
 
 import hf_spectral  # noqa: F401  (registers the method)
@@ -17,18 +18,9 @@ from hf_spectral.optim import (
     spectral_projectors,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these tensors are tiny anyway
+
 LAYOUTS = ["lowfreq", "triangle", "random"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads on a busy 2-core machine stall each other; these tensors are tiny anyway
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BASES = ["dct", "random_orthonormal"]
 
 
@@ -242,12 +234,15 @@ def test_state_dict_round_trip_resumes_exactly(moments):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_create_optimizer_follows_trainer_weight_decay_rule_and_arguments():
-    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+# one block, 16 dims, 11 tokens, and GPT2Config's own dropout of 0.1
+ONE_BLOCK_GPT2 = dict(n_layer=1, n_embd=16, n_positions=8, vocab_size=11, dropout=0.1)
 
-    torch.manual_seed(0)
-    gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=11))
-    model = get_peft_model(gpt, SpectralConfig(mode="replace", coefficient_fraction=0.5, layout="random"))
+
+def test_create_optimizer_follows_trainer_weight_decay_rule_and_arguments():
+    from transformers import TrainingArguments
+
+    config = SpectralConfig(mode="replace", coefficient_fraction=0.5, layout="random")
+    model = get_peft_model(make_gpt2(**ONE_BLOCK_GPT2), config)
     args = TrainingArguments(
         output_dir="unused",
         learning_rate=3e-3,
@@ -270,12 +265,12 @@ def test_create_optimizer_follows_trainer_weight_decay_rule_and_arguments():
     assert trainable == {id(p) for g in optimizer.param_groups for p in g["params"]}
 
 
+@pytest.mark.slow  # runs the Trainer
 def test_trains_under_trainer(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    torch.manual_seed(0)
-    gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=11))
-    model = get_peft_model(gpt, SpectralConfig(mode="replace", coefficient_fraction=0.5, layout="triangle"))
+    config = SpectralConfig(mode="replace", coefficient_fraction=0.5, layout="triangle")
+    model = get_peft_model(make_gpt2(**ONE_BLOCK_GPT2), config)
     data = [{"input_ids": torch.arange(8) % 11, "labels": torch.arange(8) % 11} for _ in range(16)]
     args = TrainingArguments(
         output_dir=str(tmp_path),

@@ -61,6 +61,7 @@ def test_config_round_trips_through_json(tmp_path):
     assert isinstance(loaded, SpectralConfig) and loaded.coefficient_fraction == 0.25 and loaded.layout == "banded"
 
 
+@pytest.mark.slow  # starts an interpreter
 def test_import_twice_in_a_fresh_interpreter():
     code = "import importlib, hf_spectral; importlib.reload(hf_spectral); import peft; print(peft.PeftType.SPECTRAL.value)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -14,13 +14,15 @@ import time
 import pytest
 import resume_train
 import torch
-from ecosystem_utils import TESTS_DIR, run_checked, subprocess_env
+from ecosystem_utils import TESTS_DIR, run_checked, single_thread, subprocess_env, wait_for_hang
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_spectral.ecosystem.checkpoints import MANIFEST_NAME, last_complete_checkpoint, verify_checkpoint
 
 SCRIPT = str(TESTS_DIR / "resume_train.py")
+
+pytestmark = pytest.mark.slow  # Trainer runs, two of them in subprocesses
 
 
 def _start(out, *extra):
@@ -34,21 +36,10 @@ def runs(tmp_path_factory):
     killed_dir, straight_dir = root / "killed", root / "straight"
     killed = _start(killed_dir, "--hang-in-save-at", "4")
     # meanwhile the uninterrupted run, in this process with one thread like the subprocesses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         resume_train.main(["--out", str(straight_dir)])
-    finally:
-        torch.set_num_threads(threads)
-    marker = killed_dir / "hanging-in-save"
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        if killed.poll() is not None:
-            pytest.fail(f"the run to be killed ended by itself:\n{killed.stdout.read()[-4000:]}")
-        if time.monotonic() > deadline:
-            killed.kill()
-            pytest.fail("the run never reached the save of step 4")
-        time.sleep(0.1)
+    marker = killed_dir / resume_train.HANGING_MARKER
+    wait_for_hang(killed, marker.exists, deadline=time.monotonic() + 240, step=4)
     os.kill(killed.pid, signal.SIGKILL)  # a real kill, in the middle of writing checkpoint-4
     killed.communicate(timeout=60)
     assert killed.returncode == -signal.SIGKILL

@@ -9,6 +9,8 @@ from transformers import Trainer, TrainingArguments
 
 from hf_spectral import SpectralConfig
 
+pytestmark = pytest.mark.slow  # runs the Trainer
+
 
 def _dataset() -> Dataset:
     # a learnable pattern: each sequence counts up from a random start

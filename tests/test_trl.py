@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ecosystem_utils import tiny_gpt2
 from peft import PeftModel
+from tiny_models import make_gpt2
 
 trl = pytest.importorskip("trl")
+pytestmark = pytest.mark.slow  # runs SFTTrainer
 
 from hf_spectral import SpectralConfig, SpectralLayer  # noqa: E402
 
@@ -42,7 +43,7 @@ def test_sft_trainer_trains_spectral_coefficients_with_its_defaults_and_saves_a_
     assert args.bf16 and args.gradient_checkpointing  # TRL's defaults, kept on purpose
     config = SpectralConfig(mode="delta", n_coefficients=50, layout="random", target_modules=["c_attn", "c_fc"])
     trainer = trl.SFTTrainer(
-        model=tiny_gpt2(seed=0), args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
+        model=make_gpt2(seed=0), args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
         processing_class=char_tokenizer(), peft_config=config,
     )
     model = trainer.model
@@ -68,7 +69,7 @@ def test_sft_trainer_trains_spectral_coefficients_with_its_defaults_and_saves_a_
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
     trainer.save_model(str(tmp_path / "adapter"))
-    loaded = PeftModel.from_pretrained(tiny_gpt2(seed=0), str(tmp_path / "adapter")).eval()
+    loaded = PeftModel.from_pretrained(make_gpt2(seed=0), str(tmp_path / "adapter")).eval()
     for name, value in dict(loaded.named_parameters()).items():
         if "spectral_coefficients" in name:
             assert torch.equal(value, after[name])

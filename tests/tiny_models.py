@@ -1,4 +1,17 @@
-"""Tiny models built from configs (no downloads), shared by the tests."""
+"""Tiny models built from configs (no downloads): the one factory per architecture the tests share.
+
+Each ``make_*`` seeds torch, builds the model from its config and returns it in eval mode; keyword
+arguments override config fields (``make_gpt2(n_layer=1, vocab_size=11)``), so a test that needs
+other shapes still goes through the same factory.
+
+    make_mlp     PEFT's own plain-torch test model (nn.Linear only, no config)
+    make_gpt2    GPT-2: transformers' Conv1D layers (fan_in_fan_out) and a tied head
+    make_llama   Llama: nn.Linear with grouped-query attention
+    make_bert    BERT for sequence classification (its ``classifier`` is a module to save)
+
+``MODELS`` is the table the PEFT behaviour tests cross with every mode and layout; ``example_inputs``
+and ``logits_of`` feed any of them.
+"""
 
 from __future__ import annotations
 
@@ -39,31 +52,32 @@ def make_mlp(seed: int = 0) -> nn.Module:
     return MLP().eval()
 
 
-def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def make_gpt2(seed: int = 0, *, dropout: float = 0.0, **config) -> GPT2LMHeadModel:
+    """GPT-2 with 2 layers and 32 dims (about 30k parameters); ``dropout`` sets all three dropouts."""
     torch.manual_seed(seed)
-    config = GPT2Config(
+    fields = dict(
         n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        pad_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(GPT2Config(**{**fields, **config})).eval()
 
 
-def make_llama(seed: int = 0) -> LlamaForCausalLM:
+def make_llama(seed: int = 0, **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval()
 
 
-def make_bert(seed: int = 0) -> BertForSequenceClassification:
+def make_bert(seed: int = 0, **config) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(
+    fields = dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
         max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(config).eval()
+    return BertForSequenceClassification(BertConfig(**{**fields, **config})).eval()
 
 
 # name -> (factory, delta-mode target modules, extra config fields)
