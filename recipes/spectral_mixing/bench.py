@@ -4,8 +4,8 @@
         [--threads 1] [--out recipes/spectral_mixing/results/bench]
 
 The model is the quick profile's (a 4-layer GPT-2, 128 wide, 4 heads, 65 characters; the mixer with K matched
-to the attention's parameters), untrained, fp32, on the CPU. Each measurement runs in its own process so the
-peak resident memory is its own:
+to the attention's parameters), untrained, fp32, on the CPU. Each arm's fwd+bwd runs in its own process,
+shortest length first, so the process's peak resident memory after length T is T's:
 
 - fwd+bwd: ``model(ids, labels=ids).loss.backward()`` at length T; tokens/s = T / median time (1 warm-up at 256,
   then 3 repeats up to 2,048, 2 up to 4,096, 1 above); peak memory = the process's peak RSS minus its RSS
@@ -55,49 +55,60 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child_train(arm: str, length: int) -> dict:
-    model = build(arm, max(length, 256)).train()
+def child_train(arm: str, lengths: list[int]) -> dict:
+    """fwd+bwd at each length, shortest first, in this process: the process's peak RSS only grows, so
+    after length T it is T's peak (memory grows with T), measured above the RSS after the warm-up."""
+    model = build(arm, max(max(lengths), 256)).train()
     warm = torch.randint(0, 65, (1, 256))
     model(input_ids=warm, labels=warm).loss.backward()
     model.zero_grad(set_to_none=True)
     baseline = rss_mib()
-    repeats = 3 if length <= 2048 else 2 if length <= 4096 else 1
-    ids = torch.randint(0, 65, (1, length))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"seconds": times, "peak_mib": round(peak - baseline, 1)}
+    results = {}
+    for length in sorted(lengths):
+        repeats = 3 if length <= 2048 else 2 if length <= 4096 else 1
+        ids = torch.randint(0, 65, (1, length))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        results[str(length)] = {"seconds": times, "peak_mib": round(peak - baseline, 1), "load_average": os.getloadavg()[0]}
+        print(f"fwd+bwd {arm} T={length}: {results[str(length)]}", file=sys.stderr, flush=True)
+    return results
 
 
 @torch.no_grad()
-def child_decode(arm: str, context: int) -> dict:
-    model = build(arm, context + DECODE_STEPS + 1).eval()
-    ids = torch.randint(0, 65, (1, context))
-    start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    prefill = time.perf_counter() - start
-    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    model(input_ids=token, cache=cache, use_cache=True)  # one warm-up step
-    times = []
-    for _ in range(DECODE_STEPS):
+def child_decode(arm: str, contexts: list[int]) -> dict:
+    model = build(arm, max(contexts) + DECODE_STEPS + 1).eval()
+    results = {}
+    for context in sorted(contexts):
+        ids = torch.randint(0, 65, (1, context))
         start = time.perf_counter()
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-        token = out.logits[:, -1:].argmax(-1)
-    return {"prefill_seconds": prefill, "step_seconds": times}
+        out = model(input_ids=ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        model(input_ids=token, cache=cache, use_cache=True)  # one warm-up step
+        times = []
+        for _ in range(DECODE_STEPS):
+            start = time.perf_counter()
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            times.append(time.perf_counter() - start)
+            token = out.logits[:, -1:].argmax(-1)
+        results[str(context)] = {"prefill_seconds": prefill, "step_seconds": times, "load_average": os.getloadavg()[0]}
+        print(f"decode {arm} context={context}: median step {statistics.median(times) * 1e3:.2f} ms",
+              file=sys.stderr, flush=True)
+    return results
 
 
-def run_child(kind: str, arm: str, size: int, threads: int) -> dict:
+def run_child(kind: str, arm: str, sizes: list[int], threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "recipes.spectral_mixing.bench", "--child", kind, "--arm", arm,
-               "--size", str(size), "--threads", str(threads)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+               "--sizes", *map(str, sizes), "--threads", str(threads)]
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); its messages are above")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -194,11 +205,11 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--out", default="recipes/spectral_mixing/results/bench")
     parser.add_argument("--child", choices=("train", "decode"), help=argparse.SUPPRESS)
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)
-        result = child_train(args.arm, args.size) if args.child == "train" else child_decode(args.arm, args.size)
+        result = child_train(args.arm, args.sizes) if args.child == "train" else child_decode(args.arm, args.sizes)
         print(json.dumps(result))
         return None
     start = time.perf_counter()
@@ -208,15 +219,10 @@ def main(argv=None) -> dict | None:
         "machine": {"description": f"{os.cpu_count()}-core {platform.machine()} CPU, {args.threads} thread(s), fp32",
                     "torch": torch.__version__, "load_average_before": os.getloadavg()},
     }
-    for t in args.lengths:
-        for arm in ARMS:
-            results["train"][arm][str(t)] = run_child("train", arm, t, args.threads)
-            print(f"fwd+bwd {arm} T={t}: {results['train'][arm][str(t)]}", flush=True)
-    for c in args.contexts:
-        for arm in ARMS:
-            results["decode"][arm][str(c)] = run_child("decode", arm, c, args.threads)
-            print(f"decode {arm} context={c}: median step "
-                  f"{statistics.median(results['decode'][arm][str(c)]['step_seconds']) * 1e3:.2f} ms", flush=True)
+    for arm in ARMS:
+        results["train"][arm] = run_child("train", arm, args.lengths, args.threads)
+    for arm in ARMS:
+        results["decode"][arm] = run_child("decode", arm, args.contexts, args.threads)
     results["machine"]["load_average_after"] = os.getloadavg()
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["summary"] = summarise(results) if len(args.lengths) > 1 else {}
