@@ -8,7 +8,8 @@ A replace-mode tiny GPT-2 trains 6 steps with AdamW (each rank on half of a batc
 2 steps in DIR/checkpoint-N: every rank writes its own shards of the model and of the optimiser state,
 then, once all ranks are done, rank 0 writes the manifest of ``hf_spectral.ecosystem.checkpoints``. With
 ``--hang-in-save-at N`` the run stops inside the save of step N (model shards written, optimiser shards
-not) and waits to be killed; ``--resume`` continues from ``last_complete_checkpoint(DIR)``. At the end
+not) and waits to be killed; ``--resume`` continues from ``last_complete_checkpoint(DIR)``;
+``--then-uninterrupted DIR2`` then trains the same run from scratch into DIR2, in the same processes. At the end
 rank 0 writes every trainable parameter, whole, to DIR/final.safetensors and a summary to DIR/final.json.
 tests/test_sharded_optimizer.py kills a run with SIGKILL and compares the resumed run with an uninterrupted one.
 """
@@ -145,27 +146,15 @@ class Zero3Run:
             return {n: p.detach().clone() for n, p in named}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", required=True, choices=("fsdp2", "zero3"))
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--hang-in-save-at", type=int)
-    args = parser.parse_args(argv)
-    if args.backend == "zero3":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed("gloo")
-    else:
-        dist.init_process_group("gloo")
+def train(backend: str, out: str, resume: bool, hang_at) -> None:
+    """One run of 6 steps into ``out``, from scratch or resumed from its last complete checkpoint."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
 
-    run = (FSDP2Run if args.backend == "fsdp2" else Zero3Run)(build())
+    run = (FSDP2Run if backend == "fsdp2" else Zero3Run)(build())
     resumed_from, start, losses = None, 0, []
-    if args.resume:
-        resumed_from = last_complete_checkpoint(args.out)  # rank 0 sets newer incomplete ones aside
+    if resume:
+        resumed_from = last_complete_checkpoint(out)  # rank 0 sets newer incomplete ones aside
         dist.barrier()
         if resumed_from is not None:
             run.load(resumed_from)
@@ -180,9 +169,9 @@ def main(argv=None) -> None:
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
         if step % SAVE_EVERY == 0:
-            folder = os.path.join(args.out, f"checkpoint-{step}")
+            folder = os.path.join(out, f"checkpoint-{step}")
             os.makedirs(folder, exist_ok=True)
-            hang = (lambda: hang_here(args.out)) if step == args.hang_in_save_at else None
+            hang = (lambda: hang_here(out)) if step == hang_at else None
             run.save(folder, hang)
             dist.barrier()  # every rank has written its shards
             if rank == 0:
@@ -193,9 +182,30 @@ def main(argv=None) -> None:
 
     trainable = run.trainable()
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in trainable.items()}, os.path.join(args.out, "final.safetensors"))
-        with open(os.path.join(args.out, "final.json"), "w") as handle:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, os.path.join(out, "final.safetensors"))
+        with open(os.path.join(out, "final.json"), "w") as handle:
             json.dump({"resumed_from": resumed_from, "start": start, "losses": losses, "world_size": world}, handle)
+    dist.barrier()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", required=True, choices=("fsdp2", "zero3"))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--hang-in-save-at", type=int)
+    parser.add_argument("--then-uninterrupted", metavar="DIR", help="afterwards, train from scratch into DIR too")
+    args = parser.parse_args(argv)
+    if args.backend == "zero3":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed("gloo")
+    else:
+        dist.init_process_group("gloo")
+    train(args.backend, args.out, args.resume, args.hang_in_save_at)
+    if args.then_uninterrupted:  # the reference run, in the same processes (saves two interpreter starts)
+        train(args.backend, args.then_uninterrupted, resume=False, hang_at=None)
     dist.barrier()
     dist.destroy_process_group()
 

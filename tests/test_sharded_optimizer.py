@@ -107,12 +107,11 @@ def _kill_in_save(job: subprocess.Popen, out, deadline: float) -> None:
 def resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded_resume")
     jobs = {}
-    for backend in BACKENDS:  # side by side: the runs to kill and the uninterrupted ones
-        for kind, extra in (("killed", ["--hang-in-save-at", "4"]), ("straight", [])):
-            out = root / f"{backend}-{kind}"
-            jobs[backend, kind] = subprocess.Popen(
-                torchrun("sharded_resume_worker.py", "--backend", backend, "--out", str(out), *extra),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    for backend in BACKENDS:  # side by side
+        out = root / f"{backend}-killed"
+        jobs[backend, "killed"] = subprocess.Popen(
+            torchrun("sharded_resume_worker.py", "--backend", backend, "--out", str(out), "--hang-in-save-at", "4"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
     try:
         deadline = time.monotonic() + 600
         left = {}
@@ -123,9 +122,11 @@ def resumed(tmp_path_factory):
                              "checkpoint_4": verify_checkpoint(str(out / "checkpoint-4")),
                              "checkpoint_2": verify_checkpoint(str(out / "checkpoint-2"))}
         for backend in BACKENDS:
+            # the resumed run, then (in the same processes) the uninterrupted one to compare with
             jobs[backend, "resumed"] = subprocess.Popen(
                 torchrun("sharded_resume_worker.py", "--backend", backend, "--out", str(root / f"{backend}-killed"),
-                         "--resume"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+                         "--resume", "--then-uninterrupted", str(root / f"{backend}-straight")),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
         for (backend, kind), job in jobs.items():
             if kind != "killed":
                 output, _ = job.communicate(timeout=600)
