@@ -3,8 +3,9 @@
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/deepspeed_worker.py --out DIR
 
 ``deepspeed.initialize`` is called directly with the shipped configs (recipes/configs/deepspeed_zero{2,3}.json,
-their "auto" entries filled in here as the HF Trainer would): Accelerate's DeepSpeed plugin does not run on a
-machine without GPUs (with ACCELERATE_USE_CPU=1 it silently becomes DDP; see docs/distributed.md).
+their "auto" entries filled in here as the HF Trainer would): without GPUs Accelerate's DeepSpeed plugin is not
+data parallel (with ACCELERATE_USE_CPU=1 it silently becomes DDP; without, every rank reads all the data; see
+docs/distributed.md).
 
 For each stage (2, 3) and each mode (delta on a tiny Llama, replace on a tiny GPT-2 with the char recipe's 65
 characters) every rank builds the same model and an unwrapped copy as the reference, then: records how the

@@ -1,7 +1,7 @@
 """Spectral models under DeepSpeed ZeRO-2 and ZeRO-3 with the shipped configs, two CPU processes over gloo.
 
-tests/deepspeed_worker.py calls ``deepspeed.initialize`` itself under torchrun: Accelerate's DeepSpeed plugin
-does not run without GPUs (docs/distributed.md). Skipped where DeepSpeed is not installed
+tests/deepspeed_worker.py calls ``deepspeed.initialize`` itself under torchrun: without GPUs Accelerate's DeepSpeed
+plugin is not data parallel (docs/distributed.md). Skipped where DeepSpeed is not installed
 (``pip install -e ".[deepspeed]"``, which needs ``DS_BUILD_OPS=0`` and ``--no-build-isolation``).
 """
 

@@ -91,7 +91,10 @@ def test_two_nodes_train_the_recipe_to_the_coefficients_of_one_process(runs, lau
     coefficients = [k for k in one_weights if "spectral_coefficients" in k]
     assert coefficients and two_weights.keys() == one_weights.keys()
     for name in one_weights:
-        torch.testing.assert_close(two_weights[name], one_weights[name], rtol=0, atol=1e-5, msg=name)
+        # measured: coefficients (SpectralAdamW) 3e-8 apart; the embeddings, norms and biases (AdamW) 8.7e-6, as Adam
+        # turns last-bit differences of near-zero gradients into steps of up to lr (2e-3)
+        tolerance = 1e-6 if name in coefficients else 2e-3
+        torch.testing.assert_close(two_weights[name], one_weights[name], rtol=0, atol=tolerance, msg=name)
 
 
 def test_both_launchers_give_bit_identical_coefficients(runs):
