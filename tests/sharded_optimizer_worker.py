@@ -15,7 +15,6 @@ tests/test_sharded_optimizer.py.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
