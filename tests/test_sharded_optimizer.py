@@ -25,8 +25,6 @@ from safetensors.torch import load_file
 
 from hf_spectral.ecosystem.checkpoints import verify_checkpoint
 
-pytestmark = pytest.mark.slow
-
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NO_DEEPSPEED = 'DeepSpeed is not installed: DS_BUILD_OPS=0 pip install --no-build-isolation -e ".[deepspeed]"'
 MOMENTS = ("weight", "factored")
@@ -55,6 +53,7 @@ def _max_diff(coefficients: dict, reference: dict) -> float:
     return max((torch.tensor(coefficients[n]) - torch.tensor(reference[n])).abs().max().item() for n in reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moments", MOMENTS)
 @pytest.mark.parametrize("wrapper", ("ddp", "fsdp2"))
 def test_spectral_adamw_under_ddp_and_fsdp2_gives_the_one_process_coefficients(optimizer_runs, wrapper, moments):
@@ -70,6 +69,7 @@ def test_spectral_adamw_under_ddp_and_fsdp2_gives_the_one_process_coefficients(o
     assert _max_diff(other["coefficients"], reference["coefficients"]) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_DEEPSPEED, reason=NO_DEEPSPEED)
 @pytest.mark.parametrize("moments", MOMENTS)
 @pytest.mark.parametrize("wrapper", ("zero2", "zero3"))
@@ -82,6 +82,43 @@ def test_spectral_adamw_under_zero_raises_before_the_first_step_naming_what_work
         assert run["max_change"] == 0.0  # nothing moved before the error
         for named in ("DeepSpeed", "DDP", "FSDP2", '"AdamW"'):
             assert named in run["error"], run["error"]
+
+
+def _flatten_like_zero(optimizer) -> list[torch.Tensor]:
+    """What DeepSpeed ZeRO does to the optimiser it is handed: each group steps one flat fp32 copy of its tensors."""
+    flats = []
+    for group in optimizer.param_groups:
+        flat = torch.cat([p.detach().reshape(-1) for p in group["params"]]).requires_grad_()
+        flat.grad = torch.full_like(flat, 0.1)
+        group["params"] = [flat]
+        flats.append(flat)
+    return flats
+
+
+@pytest.mark.parametrize("moments", MOMENTS)
+def test_flat_copies_in_place_of_the_coefficients_are_refused_before_anything_moves(moments):
+    # in one process, so the check runs where DeepSpeed is not installed too
+    from ecosystem_utils import tiny_gpt2
+    from peft import get_peft_model
+
+    from hf_spectral import SpectralConfig
+    from hf_spectral.optim import create_optimizer
+
+    model = get_peft_model(tiny_gpt2(seed=0), SpectralConfig(mode="replace", layout="random", coefficient_fraction=0.5))
+    optimizer = create_optimizer(model, moments=moments, lr=1e-2, weight_decay=0.1)
+    flats = _flatten_like_zero(optimizer)
+    before = [f.detach().clone() for f in flats]
+    with pytest.raises(RuntimeError, match=r"none of them is among the 2 tensors") as raised:
+        optimizer.step()
+    for named in ("DeepSpeed ZeRO", "DDP", "FSDP2", '"AdamW"', 'moments="coefficient"'):
+        assert named in str(raised.value)
+    assert all(torch.equal(f, b) for f, b in zip(flats, before, strict=True)) and not optimizer.state
+    # plain AdamW on the coefficients has no weight-basis statistics to lose: it steps the flat copies
+    coefficient = create_optimizer(model, moments="coefficient", lr=1e-2)
+    flats = _flatten_like_zero(coefficient)
+    before = [f.detach().clone() for f in flats]
+    coefficient.step()
+    assert all(not torch.equal(f, b) for f, b in zip(flats, before, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -142,6 +179,7 @@ def resumed(tmp_path_factory):
     return root, left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ("fsdp2", "zero3"))
 def test_a_sharded_run_killed_mid_save_resumes_to_the_uninterrupted_coefficients(resumed, backend):
     if backend not in BACKENDS:
