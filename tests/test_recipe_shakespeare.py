@@ -69,6 +69,7 @@ def test_smoke_arm_trains_and_writes_its_record(data_dir, tmp_path, arm):
     assert share == 1.0 if arm == "dense" else abs(share - result["fraction"]) < 0.01
 
 
+@pytest.mark.slow
 def test_spectral_run_saves_a_restorable_adapter_and_resumes(data_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -105,6 +106,7 @@ def test_spectral_run_saves_a_restorable_adapter_and_resumes(data_dir, tmp_path)
     assert train.validation_loss(restored, windows, 64, "cpu") == pytest.approx(straight["final_val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_sweep_and_compare_write_table_plots_and_samples(data_dir, tmp_path):
     settings = ["--set", f"data_dir={data_dir}", f"runs_dir={tmp_path}"]
     sweep.main([str(SMOKE), "--arms", "dense,lowrank_mn2", *settings, "--no-compare", "--in-process"])
