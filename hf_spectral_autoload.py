@@ -5,11 +5,13 @@ PEFT has no plugin discovery: without this, loading fails with ``KeyError('SPECT
 The installed ``hf_spectral_autoload.pth`` imports this module at interpreter start. It costs
 nothing until ``peft`` is imported (no torch, no peft imported here), and it steps aside after
 that. Set ``HF_SPECTRAL_AUTOLOAD=0`` to turn it off (then ``import hf_spectral`` yourself).
+
+``import hf_spectral`` uses the same hook (:func:`watch_for_peft`), whatever the variable says:
+the package imports nothing heavy itself, and registers right after ``peft`` finishes importing.
 """
 
 import importlib
 import importlib.abc
-import importlib.util
 import os
 import sys
 import warnings
@@ -17,20 +19,49 @@ import warnings
 _TRIGGER = "peft"
 
 
+def _register() -> None:
+    """Import hf_spectral and register it with PEFT (idempotent)."""
+    package = importlib.import_module("hf_spectral")
+    register = getattr(package, "register_with_peft", None)
+    if register is not None:  # an hf_spectral that imports peft eagerly has registered on import
+        register()
+
+
 class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
+    """Wraps the loader of ``peft`` so that registration runs once peft's ``__init__`` has finished.
+
+    A ``find_spec("peft")`` that does not import (transformers' ``is_peft_available`` asks this way) leaves
+    the hook in place: only the import that actually executes peft fires it.
+    """
+
+    def __init__(self):
+        self._searching = False
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TRIGGER:
+        if fullname != _TRIGGER or self._searching:
             return None
-        sys.meta_path.remove(self)  # fire once, and let the real finders locate peft
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
+        self._searching = True
+        try:  # let the other finders locate peft (this one answers None while searching)
+            spec = None
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self._searching = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         original_exec = spec.loader.exec_module
+        hook = self
 
         def exec_module(module):
             original_exec(module)
+            if hook in sys.meta_path:
+                sys.meta_path.remove(hook)  # fire once
             try:
-                importlib.import_module("hf_spectral")
+                _register()
             except Exception as error:  # never break `import peft` itself
                 warnings.warn(f"hf_spectral could not register with PEFT: {error!r}", stacklevel=2)
 
@@ -38,13 +69,19 @@ class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install() -> None:
-    if os.environ.get("HF_SPECTRAL_AUTOLOAD", "1") == "0":
-        return
-    if _TRIGGER in sys.modules:  # peft is already there: register now
-        importlib.import_module("hf_spectral")
+def watch_for_peft() -> None:
+    """Register now if peft is imported, else as soon as it is (used by ``import hf_spectral``)."""
+    if _TRIGGER in sys.modules:
+        _register()
     elif not any(isinstance(f, _RegisterAfterPeft) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterPeft())
+
+
+def install() -> None:
+    """What the ``.pth`` file runs at interpreter start; ``HF_SPECTRAL_AUTOLOAD=0`` turns it off."""
+    if os.environ.get("HF_SPECTRAL_AUTOLOAD", "1") == "0":
+        return
+    watch_for_peft()
 
 
 install()

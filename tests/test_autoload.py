@@ -6,6 +6,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 LOAD = """
 import sys
 from peft import PeftModel
@@ -53,3 +55,49 @@ def test_turning_the_hook_off_gives_peft_its_plain_error(tmp_path):
     _save_adapter(tmp_path)
     out = _run(LOAD.format(path=str(tmp_path)), HF_SPECTRAL_AUTOLOAD="0")
     assert out.returncode != 0 and "KeyError: 'SPECTRAL'" in out.stderr
+
+
+# ``import hf_spectral`` is light and registers before PEFT can be used, in every import order
+
+LIGHT = "import sys, hf_spectral, hf_spectral.cli; print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
+
+REGISTERED = (
+    "import peft; from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING as M; "
+    "print(getattr(peft.PeftType, 'SPECTRAL', None) in M)"
+)
+
+ORDERS = {
+    # the package first, then peft, then a public name
+    "package-then-peft": "import hf_spectral; from peft import get_peft_model; from hf_spectral import SpectralConfig; "
+    "from transformers import GPT2Config, GPT2LMHeadModel; "
+    "m = get_peft_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16)), "
+    "SpectralConfig(n_coefficients=10, target_modules=['c_attn'])); print(type(m.base_model).__name__)",
+    # a submodule first: it imports peft itself, and registration waits until it is complete
+    "submodule-first": "from hf_spectral.config import SpectralConfig; " + REGISTERED,
+    # peft already imported: registration happens during `import hf_spectral`
+    "peft-first": "import peft, hf_spectral; " + REGISTERED,
+}
+
+
+@pytest.mark.slow
+def test_import_hf_spectral_loads_neither_torch_nor_peft():
+    out = _run(LIGHT, HF_SPECTRAL_AUTOLOAD="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_import_hf_spectral_registers_in_every_order_without_the_hook(order):
+    out = _run(ORDERS[order], HF_SPECTRAL_AUTOLOAD="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] in ("True", "SpectralModel"), out.stdout
+
+
+@pytest.mark.slow
+def test_the_hook_survives_a_find_spec_that_does_not_import():
+    # transformers' is_peft_available() asks importlib.util.find_spec("peft") long before anyone imports peft
+    code = "import importlib.util; importlib.util.find_spec('peft'); " + REGISTERED
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -19,10 +19,13 @@ import scipy.fft
 import torch
 from ecosystem_utils import bin_of, subprocess_env, tiny_gpt2, token_rows
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import make_gpt2
 from transformers import AutoModelForCausalLM
 
 from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.cli import main
+from hf_spectral.cli.common import model_order
+from hf_spectral.cli.spectrum import spectral_norm
 from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
 
 
@@ -212,7 +215,12 @@ def bad_inputs(tmp_path_factory):
         (["inspect", "{tmp}/empty"], 1, "has no adapter_config.json"),
         (["inspect", "{tmp}/lora"], 1, "not a spectral one"),
         (["inspect", "{tmp}/pickled"], 1, "pickle"),
-        (["inspect", "{tmp}/not a repo!"], 1, "neither a local folder nor a valid Hub repo id"),
+        (["inspect", "not a repo!"], 1, "neither a local folder nor a valid Hub repo id"),
+        (["inspect", "{tmp}/missing"], 1, "/missing': no such file or folder"),
+        (["compress", "/nonexistent", "--fraction", "0.5", "--out", "{tmp}/o"], 1, "'/nonexistent': no such file or folder"),
+        (["compress", "./nonexistent", "--fraction", "0.5", "--out", "{tmp}/o"], 1, "no such file or folder"),
+        (["spectrum", "{tmp}/missing/model", "--out", "{tmp}/s.png"], 1, "no such file or folder"),
+        (["spectrum", "{tmp}/lora/adapter_model.safetensors", "--out", "{tmp}/s.png"], 1, "is a file"),
         (["spectrum", "{base}", "--out", "{tmp}/s.txt"], 2, "must end in one of"),
         (["spectrum", "{base}", "--out", "{tmp}/s.png", "--layers", "("], 2, "not a valid regular expression"),
         (["spectrum", "{base}", "--out", "{tmp}/s.png", "--layers", "nothing-matches"], 1, "no linear layers matched"),
@@ -232,3 +240,102 @@ def test_the_console_script_exits_2_with_a_message(tmp_path):
                             capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert result.returncode == 2
     assert "--fraction: 1.5 is outside (0, 1]" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# a Hub id without network: said at once, not as a side issue
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The Hub's endpoint is a closed local port (nothing listens on port 9), and offline mode is off."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["inspect", "someone/spectral-adapter"], ["compress", "someone/model", "--fraction", "0.5", "--out", "{tmp}/o"],
+     ["spectrum", "someone/model", "--out", "{tmp}/s.png"]],
+)
+def test_a_hub_id_without_network_says_no_network(no_network, tmp_path, capsys, argv):
+    import time
+
+    start = time.perf_counter()
+    code, out, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 1 and "Traceback" not in err
+    assert "no network: 'someone/" in err and "http://127.0.0.1:9" in err and "not a local folder" in err
+    assert time.perf_counter() - start < 10  # the probe gives up after 3 s; a refused port answers at once
+
+
+def test_a_hub_id_in_offline_mode_that_is_not_cached_says_so(monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, err = _run(capsys, "inspect", "someone/never-downloaded")
+    assert code == 1 and "HF_HUB_OFFLINE is set" in err and "no copy of it" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# layers in model order
+
+
+def test_model_order_compares_numbers_as_numbers():
+    names = ["model.layers.10.q", "model.layers.2.v", "model.layers.2.q", "model.layers.1.q", "lm.0"]
+    assert sorted(names, key=model_order) == [
+        "lm.0", "model.layers.1.q", "model.layers.2.q", "model.layers.2.v", "model.layers.10.q"]
+
+
+def test_inspect_and_spectrum_list_layers_in_model_order(tmp_path, capsys):
+    base = tmp_path / "base"
+    make_gpt2(n_layer=12, n_embd=8).save_pretrained(base)
+    _adapter(str(base), tmp_path / "a", target_modules=["c_attn"], n_coefficients=8, init_weights=False)
+    expected = [f"transformer.h.{i}.attn.c_attn" for i in range(12)]
+
+    code, out, _ = _run(capsys, "inspect", tmp_path / "a", "--json")
+    assert code == 0 and [layer["name"] for layer in json.loads(out)["layers"]] == expected
+    code, out, _ = _run(capsys, "spectrum", tmp_path / "a", "--out", tmp_path / "s.png", "--json", tmp_path / "s.json",
+                        "--max-panels", "1", "--bins", "4")
+    assert code == 0 and [layer["name"] for layer in json.loads((tmp_path / "s.json").read_text())["layers"]] == expected
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("transformer.")]
+    assert rows == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# the stable rank's spectral norm without an SVD
+
+
+@pytest.mark.parametrize("exact_up_to", [2048, 0], ids=["gram-eigensolve", "lobpcg"])
+@pytest.mark.parametrize("shape", [(90, 60), (40, 120), (64, 64)])
+def test_spectral_norm_agrees_with_the_svd(exact_up_to, shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    noise = torch.randn(*shape, dtype=torch.float64, generator=generator)  # flat spectrum: the hard case
+    low_rank = torch.randn(shape[0], 3, dtype=torch.float64, generator=generator) @ \
+        torch.randn(3, shape[1], dtype=torch.float64, generator=generator)
+    for w in (noise, low_rank + 0.01 * noise, noise.float()):
+        exact = np.linalg.svd(w.double().numpy(), compute_uv=False)[0]
+        # stated tolerance: 1e-9 relative (the eigensolve is exact to rounding, LOBPCG runs to a residual of 1e-10)
+        assert spectral_norm(w, exact_up_to=exact_up_to) == pytest.approx(exact, rel=1e-9)
+    assert spectral_norm(torch.zeros(5, 3)) == 0.0
+
+
+def test_spectrum_keeps_the_callers_thread_count(base_dir, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    code, _, _ = _run(capsys, "spectrum", base_dir, "--out", tmp_path / "s.png", "--max-panels", "1", "--bins", "4")
+    assert code == 0 and torch.get_num_threads() == threads
+
+
+# ------------------------------------------------------------------------------------------------
+# the entry point is light
+
+
+@pytest.mark.slow
+def test_help_imports_neither_torch_nor_peft():
+    code = ("import sys, time; t = time.perf_counter(); from hf_spectral.cli import main; main(['--help']); "
+            "print('heavy:', sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert "inspect" in result.stdout and "spectrum" in result.stdout and "heavy: []" in result.stdout

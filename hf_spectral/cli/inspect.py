@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import count, size_in_bytes, table
+from .common import check_source, count, model_order, size_in_bytes, table
 
 
 def add_parser(commands) -> None:
@@ -19,9 +19,11 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from ..ecosystem.adapter_files import read_adapter
+    from ..ecosystem.adapter_files import CONFIG_NAME, read_adapter
 
+    check_source(args.adapter, args.revision, CONFIG_NAME, "adapter")
     summary = read_adapter(args.adapter, revision=args.revision)
+    summary.layers.sort(key=lambda layer: model_order(layer.name))  # the file lists them alphabetically
     config = summary.config
     layers = [
         {

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 from typing import Optional
 
-from .common import CLIError, image_path, load_model, positive_int, progress, regex, table
+from .common import CLIError, check_source, image_path, load_model, model_order, positive_int, progress, regex, table
+
+# The smaller side up to which ||W||_2 comes from an exact eigensolve of the Gram matrix; above it, LOBPCG.
+EXACT_GRAM_UP_TO = 2048
 
 
 def add_parser(commands) -> None:
@@ -33,19 +37,21 @@ def add_parser(commands) -> None:
 def _is_adapter(name: str, revision: Optional[str]) -> bool:
     from ..ecosystem.adapter_files import CONFIG_NAME
 
-    if os.path.isdir(name):
-        return os.path.isfile(os.path.join(name, CONFIG_NAME))
-    if os.path.exists(name):
-        raise CLIError(f"{name!r} is a file; give a model or adapter folder, or a Hub repo id.")
-    from huggingface_hub import file_exists
-    from huggingface_hub.errors import HFValidationError
+    if check_source(name, revision, CONFIG_NAME, "model or adapter") == "local":
+        if os.path.isdir(name):
+            return os.path.isfile(os.path.join(name, CONFIG_NAME))
+        if name.endswith(".gguf"):
+            return False
+        raise CLIError(f"{name!r} is a file; give a model or adapter folder, a .gguf file, or a Hub repo id.")
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
 
+    if constants.HF_HUB_OFFLINE:  # check_source found a cached copy
+        return isinstance(try_to_load_from_cache(name, CONFIG_NAME, revision=revision), str)
     try:
         return file_exists(name, CONFIG_NAME, revision=revision)
-    except HFValidationError:
-        raise CLIError(f"{name!r} is neither a local folder nor a valid Hub repo id (owner/name).") from None
-    except Exception:  # offline or repo missing: let the model loader say what is wrong
-        return False
+    except RepositoryNotFoundError:
+        raise CLIError(f"the Hub has no repo {name!r} (or it is private: log in with `hf auth login`).") from None
 
 
 def _model_matrices(args):
@@ -63,6 +69,44 @@ def _model_matrices(args):
     ]
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Per-layer linear algebra on one thread: a Gram eigensolve of a few hundred rows gains nothing from more,
+    and on a busy machine OpenMP threads that wait for each other made it 20-200x slower (docs/cli.md)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def spectral_norm(matrix, exact_up_to: int = EXACT_GRAM_UP_TO) -> float:
+    """``||W||_2``, the largest singular value, without an SVD.
+
+    ``sigma_max(W)^2`` is the largest eigenvalue of the Gram matrix of W's smaller side (k x k, k = min(m, n)).
+    For k <= ``exact_up_to`` an eigensolve in float64 gives it to rounding (its relative error is about
+    1e-15, squared singular values are well conditioned at the top); for larger k, LOBPCG on the same Gram
+    matrix, to a relative residual of 1e-10 (``tests/test_cli.py`` checks both against numpy's SVD).
+    """
+    import torch
+
+    w = matrix.detach().to(torch.float64)
+    m, n = w.shape
+    if w.numel() == 0:
+        return 0.0
+    gram = w @ w.T if m <= n else w.T @ w
+    if min(m, n) <= max(exact_up_to, 2):
+        top = float(torch.linalg.eigvalsh(gram)[-1])
+    else:
+        start = torch.randn(gram.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        values, _ = torch.lobpcg(gram, k=1, X=start, largest=True, tol=1e-10, niter=1000)
+        top = float(values[0])
+    return math.sqrt(max(top, 0.0))
+
+
 def _analyse(matrix, bins: int) -> dict:
     import torch
     import torch.nn.functional as F
@@ -74,7 +118,7 @@ def _analyse(matrix, bins: int) -> dict:
     energy = CoefficientSpace(m, n, block=(m, n)).all_coefficients(w) ** 2
     total = float(energy.sum())
     fro2 = float((w * w).sum())
-    spectral = float(torch.linalg.matrix_norm(w, ord=2)) if fro2 > 0 else 0.0
+    spectral = spectral_norm(w) if fro2 > 0 else 0.0
     heat = F.adaptive_avg_pool2d(energy[None, None], (min(bins, m), min(bins, n)))[0, 0]
     return {
         "shape": [m, n],
@@ -148,6 +192,7 @@ def run(args) -> int:
         from ..ecosystem.adapter_files import layer_matrices, read_adapter
 
         summary = read_adapter(args.source, revision=args.revision)
+        summary.layers.sort(key=lambda layer: model_order(layer.name))  # the file lists them alphabetically
         what = "update" if summary.mode == "delta" else "weight"
         title = f"{args.source} (spectral {summary.mode} adapter: each layer's {what})"
         count = len(summary.layers)
@@ -158,10 +203,11 @@ def run(args) -> int:
         count = len(source)
 
     results = []
-    for name, matrix in progress(source, total=count, desc="analysing layers", unit="layer"):
-        if args.layers is not None and not pattern.search(name):
-            continue
-        results.append((name, _analyse(matrix, args.bins)))
+    with _one_thread():
+        for name, matrix in progress(source, total=count, desc="analysing layers", unit="layer"):
+            if args.layers is not None and not pattern.search(name):
+                continue
+            results.append((name, _analyse(matrix, args.bins)))
     if not results:
         raise CLIError(f"no linear layers matched in {args.source!r}" + (f" (--layers {args.layers!r})" if args.layers else ""))
     _plot(results, title, args.out, args.max_panels)
