@@ -12,7 +12,14 @@ import sys
 
 import pytest
 import torch
-from ecosystem_utils import REPO_ROOT, bin_of, run_checked, subprocess_env
+from ecosystem_utils import (
+    REPO_ROOT,
+    assert_recipe_runs_match,
+    bin_of,
+    run_checked,
+    subprocess_env,
+    write_shakespeare_stand_in,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -20,7 +27,6 @@ pytestmark = pytest.mark.slow
 SMOKE = REPO_ROOT / "recipes" / "shakespeare_char" / "configs" / "smoke.yaml"
 ARM = "random_mn10_wadam"  # spectral coefficients at random positions, trained by SpectralAdamW
 RECIPE = ["-m", "recipes.shakespeare_char.train", str(SMOKE), "--arm", ARM, "--seed", "0"]
-LINES = ["First Citizen:", "Before we proceed any further, hear me speak.", "", "All:", "Speak, speak.", ""]
 
 
 def free_port() -> int:
@@ -45,9 +51,9 @@ def two_nodes_accelerate(port: int, overrides: list[str]) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    (root / "input.txt").write_text("\n".join(LINES * 120) + "\nABCDEFGHIJKLMNOPQRSTUVWXYZ!?;&'$-3.,:\n")
+    text = write_shakespeare_stand_in(root)
     env = subprocess_env(ACCELERATE_USE_CPU="1")
-    run_checked([sys.executable, "-m", "recipes.shakespeare_char.prepare", "--input", str(root / "input.txt"),
+    run_checked([sys.executable, "-m", "recipes.shakespeare_char.prepare", "--input", str(text),
                  "--out", str(root / "data")], timeout=120, env=env, cwd=str(REPO_ROOT))
     data = f"data_dir={root / 'data'}"
     # 2 rows per process on two nodes; 4 rows in one process: the smoke profile's global batch of 4
@@ -83,11 +89,7 @@ def _run(root, name):
 def test_two_nodes_train_the_recipe_to_the_coefficients_of_one_process(runs, launcher):
     root, _ = runs
     (two, two_weights), (one, one_weights) = _run(root, launcher), _run(root, "one")
-    assert two["finished"] and two["hardware"]["world_size"] == 2 and one["hardware"]["world_size"] == 1
-    # the same tokens per step, the same losses (Trainer logs the mean over processes)
-    assert [t for t, _ in two["curves"]["train"]] == [t for t, _ in one["curves"]["train"]]
-    torch.testing.assert_close(torch.tensor(two["curves"]["train"]), torch.tensor(one["curves"]["train"]),
-                               rtol=1e-5, atol=1e-6)
+    assert_recipe_runs_match(two, one)  # world sizes 2 and 1, the same tokens per step and training losses
     coefficients = [k for k in one_weights if "spectral_coefficients" in k]
     assert coefficients and two_weights.keys() == one_weights.keys()
     for name in one_weights:

@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from ecosystem_utils import TESTS_DIR, bin_of, run_checked, subprocess_env
+from ecosystem_utils import run_checked, subprocess_env, torchrun_command
 from safetensors.torch import load_file
 
 from hf_spectral.ecosystem.checkpoints import verify_checkpoint
@@ -32,10 +32,6 @@ WRAPPERS = ("ddp", "fsdp2", "zero2", "zero3") if HAVE_DEEPSPEED else ("ddp", "fs
 BACKENDS = ("fsdp2", "zero3") if HAVE_DEEPSPEED else ("fsdp2",)
 
 
-def torchrun(script: str, *args: str) -> list[str]:
-    return [bin_of("torchrun"), "--standalone", "--nproc_per_node", "2", str(TESTS_DIR / script), *args]
-
-
 def env() -> dict:
     return subprocess_env(DS_ACCELERATOR="cpu")
 
@@ -43,7 +39,7 @@ def env() -> dict:
 @pytest.fixture(scope="module")
 def optimizer_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_optimizer")
-    run_checked(torchrun("sharded_optimizer_worker.py", "--out", str(out), "--wrappers", ",".join(WRAPPERS)),
+    run_checked(torchrun_command("sharded_optimizer_worker.py", "--out", str(out), "--wrappers", ",".join(WRAPPERS)),
                 timeout=900, env=env())
     return [json.loads((out / f"rank{r}.json").read_text())["runs"] for r in (0, 1)]
 
@@ -147,7 +143,7 @@ def resumed(tmp_path_factory):
     for backend in BACKENDS:  # side by side
         out = root / f"{backend}-killed"
         jobs[backend, "killed"] = subprocess.Popen(
-            torchrun("sharded_resume_worker.py", "--backend", backend, "--out", str(out), "--hang-in-save-at", "4"),
+            torchrun_command("sharded_resume_worker.py", "--backend", backend, "--out", str(out), "--hang-in-save-at", "4"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
     try:
         deadline = time.monotonic() + 600
@@ -161,7 +157,7 @@ def resumed(tmp_path_factory):
         for backend in BACKENDS:
             # the resumed run, then (in the same processes) the uninterrupted one to compare with
             jobs[backend, "resumed"] = subprocess.Popen(
-                torchrun("sharded_resume_worker.py", "--backend", backend, "--out", str(root / f"{backend}-killed"),
+                torchrun_command("sharded_resume_worker.py", "--backend", backend, "--out", str(root / f"{backend}-killed"),
                          "--resume", "--then-uninterrupted", str(root / f"{backend}-straight")),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
         for (backend, kind), job in jobs.items():
