@@ -221,7 +221,7 @@ def test_auxiliary_terms_enter_the_training_loss_only():
     model = mixer_model(reconstruction_weight=1.0)
     x = ids()
     model.train()
-    with_terms = float(model(input_ids=x, labels=x).loss)
+    with_terms = float(model(input_ids=x, labels=x).loss.detach())
     model.eval()
     plain = float(model(input_ids=x, labels=x).loss)
     assert with_terms > plain + 0.1  # a fresh mixer rebuilds its input badly: the term is large
