@@ -9,6 +9,11 @@ in PEFT's classes.
    with a generic one, so for models whose adapters are all spectral it goes to
    ``hf_spectral.ecosystem.hub.push_to_hub``, which uploads the spectral card; every other model keeps
    the original (``tests/test_hub.py`` checks both routes).
+3. ``PeftModel.from_pretrained``, ``PeftModel.load_adapter`` and transformers' ``model.load_adapter``
+   (:func:`install_patches`): PEFT changes the model before it reads the weights file, and reports a
+   missing layer as a warning, so a corrupt, edited or mismatched adapter leaves a half-changed model.
+   For spectral adapters these check the files first and undo a failed load
+   (``hf_spectral.loading``); other adapters load as before (``tests/test_loading.py``).
 
 The tests fail loudly if a peft release changes any of this.
 """
@@ -62,10 +67,18 @@ def register(config_cls: type, model_cls: type) -> None:
     register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
 
 
-def install_patches(push_to_hub, is_spectral_model) -> None:
-    """Route ``PeftModel.push_to_hub`` to ``push_to_hub`` (``hf_spectral.ecosystem.hub``) for models where
-    ``is_spectral_model`` holds (item 2 of the module doc); idempotent."""
+def install_patches(push_to_hub, is_spectral_model, load_guards) -> None:
+    """Items 2 and 3 of the module doc; idempotent. ``push_to_hub`` and ``is_spectral_model`` come from
+    ``hf_spectral.ecosystem.hub``, ``load_guards`` (the three wrappers of item 3) from ``hf_spectral.loading``."""
     from peft import PeftModel
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    if not getattr(PeftModel.load_adapter, "_hf_spectral_guarded", False):
+        owners = ((PeftModel, "from_pretrained"), (PeftModel, "load_adapter"), (PeftAdapterMixin, "load_adapter"))
+        for (owner, name), guard in zip(owners, load_guards, strict=True):
+            guarded = guard(owner.__dict__[name])
+            (guarded.__func__ if isinstance(guarded, classmethod) else guarded)._hf_spectral_guarded = True
+            setattr(owner, name, guarded)
 
     original = PeftModel.push_to_hub
     if getattr(original, "_hf_spectral_original", None) is not None:

@@ -141,7 +141,8 @@ class CoefficientSpace:
         if self.transform != "auto":
             return self.transform
         costs = cost_model.costs_for(device.type)
-        return min(("matmul", "fft"), key=lambda method: cost_model.weight_cost(self, costs, method))
+        fft, matmul = cost_model.weight_cost(self, costs, "fft"), cost_model.weight_cost(self, costs, "matmul")
+        return "fft" if fft < matmul else "matmul"  # explicit, not min(key=...): torch.compile traces this
 
     def activation_method(self, side: str, keep: int, device: torch.device, rows: int) -> str:
         """fft or matmul for a float32 transform of ``rows`` activations, whichever is cheaper."""
@@ -151,7 +152,8 @@ class CoefficientSpace:
             return self.transform
         costs = cost_model.costs_for(device.type)
         size = self.size(side)
-        return min(("matmul", "fft"), key=lambda method: cost_model.transform_cost(costs, rows, size, keep, method))
+        fft = cost_model.transform_cost(costs, rows, size, keep, "fft")
+        return "fft" if fft < cost_model.transform_cost(costs, rows, size, keep, "matmul") else "matmul"
 
     # -- scattered positions as sparse matrices (built once per device) -------------------------------
 
@@ -228,9 +230,9 @@ def make_space(
     if layout in DATA_DEPENDENT_LAYOUTS:
         if weight is None:
             raise ValueError(
-                f"layout={layout!r} ranks the coefficients of the existing weight{f' of {name!r}' if name else ''}, "
-                "and there is none (it is on the meta device, or was released). Load the model with its weights, or "
-                "use layout='random'/'lowfreq'/'triangle'."
+                f"layout={layout!r} reads the existing weight of {name or 'the layer'!r}, but that layer has none (it "
+                "is on the meta device, or a replace-mode adapter released it). Load the model with its weights, or "
+                "use layout='random'/'lowfreq'/'triangle' with init_weights='random'."
             )
         # the full analysis in the layer's own basis (a throwaway space over every position)
         everything = CoefficientSpace(m, n, basis, seed, block=(m, n))

@@ -72,6 +72,9 @@ class SpectralConfig(PeftConfig):
             layers but the output head.
         layer_shapes (`dict`): filled in when the adapter is saved: the (out, in) shape of every spectral layer,
             so that loading into a model whose shapes differ fails before the model is touched.
+        fingerprints (`dict`): filled in when the adapter is saved: the fields that decide each layer, and per
+            layer a hash of its index set and a checksum of its saved tensors, so that an edited config or a
+            weights file from another adapter is refused on load (see ``hf_spectral.loading``).
     """
 
     mode: str = field(default="delta", metadata={"help": "'delta' (fine-tuning) or 'replace' (the weight is S)."})
@@ -111,6 +114,9 @@ class SpectralConfig(PeftConfig):
     layer_shapes: Optional[dict] = field(
         default_factory=dict, metadata={"help": "Filled in on save: (out, in) of every spectral layer."}
     )
+    fingerprints: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Filled in on save: hashes of each layer's index set and weights."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,6 +127,7 @@ class SpectralConfig(PeftConfig):
         )
         self.budget_pattern = dict(self.budget_pattern or {})
         self.layer_shapes = dict(self.layer_shapes or {})
+        self.fingerprints = dict(self.fingerprints or {})
         self._check_choice("mode", self.mode, MODES)
         self._check_choice("layout", self.layout, LAYOUTS)
         self._check_choice("basis", self.basis, BASES)

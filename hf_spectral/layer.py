@@ -19,6 +19,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import quantized
 from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
 from .compute import cost_model, dispatch
 from .compute.functions import matrix, transform_dtype
@@ -63,15 +64,20 @@ class SpectralLayer(BaseTunerLayer):
         # how the DCT transforms run: "auto" (the cheaper by the cost model), "fft" or "matmul" (for tests)
         self.transform = "auto"
         self._weight_cache: Optional[WeightCache] = None
+        self._mixed_weights: dict[str, WeightCache] = {}  # one merged weight per adapter, for mixed batches
         self._spaces: dict[str, CoefficientSpace] = {}
         self._path_memo: dict[tuple, str] = {}
         self.kwargs = kwargs
 
         base_layer = self.get_base_layer()
+        # a quantized base (bitsandbytes, torchao, HQQ, ...) is never read as a float weight: quantized.py
+        self.quantization_backend = quantized.resolve_backend(base_layer, **kwargs)
         if isinstance(base_layer, nn.Linear):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         elif isinstance(base_layer, Conv1D):
             self.in_features, self.out_features = base_layer.nx, base_layer.nf
+        elif self.quantization_backend is not None:
+            self.in_features, self.out_features = quantized.features(base_layer)
         else:
             raise TypeError(
                 f"Spectral layers wrap torch.nn.Linear and transformers' Conv1D, not {type(base_layer).__name__}."
@@ -95,7 +101,10 @@ class SpectralLayer(BaseTunerLayer):
         if mode == "replace" and init is True:
             init = "project" if from_pretrained else "random"
 
-        weight = self._dense_weight()
+        if self.quantization_backend is None:
+            weight = self._dense_weight()
+        else:  # checks the adapter; the dequantized W0 only for a layout that ranks it
+            weight = quantized.init_weight(self, config, module_key)
         if weight is None and init == "project":
             raise ValueError(
                 f"init_weights='project' reads the existing weight of {module_key!r}, but that layer has none (it is "
@@ -103,6 +112,8 @@ class SpectralLayer(BaseTunerLayer):
                 "init_weights='random'."
             )
         device = weight.device if weight is not None else torch.device("cpu")
+        if self.quantization_backend is not None:
+            device = quantized.device_of(self)
         dtype = transform_dtype(weight.dtype if weight is not None else torch.float32)
         weight = None if weight is None else weight.detach().to(dtype)
         space = make_space(
@@ -134,6 +145,19 @@ class SpectralLayer(BaseTunerLayer):
         )
         self._spaces.pop(adapter_name, None)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def model_dtype(self) -> torch.dtype:
+        """The dtype of the model around the layer: its base weight's, the released one's (replace mode), or a
+        quantized base's compute dtype."""
+        base = self.get_base_layer()
+        if self.quantization_backend is not None:
+            dtype = getattr(base, "compute_dtype", None)
+            if isinstance(dtype, torch.dtype):
+                return dtype
+            floats = [t.dtype for t in base.parameters() if t.is_floating_point()]
+            return floats[0] if floats else torch.float32
+        weight = base.weight
+        return weight.dtype if weight is not None else getattr(self, "_released_weight_dtype", torch.float32)
 
     def release_base_weight(self) -> None:
         """Replace mode: drop the dense weight; the layer now lives in coefficient space."""
@@ -184,7 +208,7 @@ class SpectralLayer(BaseTunerLayer):
     # replace-mode rules
 
     def _require_base_weight(self, action: str) -> None:
-        if self.get_base_layer().weight is None:
+        if self.quantization_backend is None and self.get_base_layer().weight is None:
             raise ValueError(
                 f"Cannot {action}: this layer is a replace-mode spectral layer, so it has no dense base weight "
                 "to fall back on. Use merge_and_unload() to get a dense model."
@@ -200,6 +224,7 @@ class SpectralLayer(BaseTunerLayer):
     def drop_weight_cache(self) -> None:
         """Forget the cached rebuilt weight (it is rebuilt on the next forward that can use it)."""
         self._weight_cache = None
+        self._mixed_weights.clear()
 
     def _cached_weight(self, active: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         cache = self._weight_cache
@@ -297,6 +322,10 @@ class SpectralLinear(nn.Module, SpectralLayer):
         for adapter in adapter_names:
             if adapter not in self.spectral_coefficients:
                 continue
+            if self.quantization_backend is not None:  # dequantize, add, requantize (quantized.py)
+                quantized.merge(self, adapter, safe_merge)
+                self.merged_adapters.append(adapter)
+                continue
             base = self.get_base_layer()
             settings = self.spectral_settings[adapter]
             with torch.no_grad():
@@ -325,7 +354,9 @@ class SpectralLinear(nn.Module, SpectralLayer):
             adapter = self.merged_adapters.pop()
             if adapter not in self.spectral_coefficients:
                 continue
-            if self.spectral_settings[adapter].mode == "replace":
+            if self.quantization_backend is not None:
+                quantized.unmerge(self, adapter)
+            elif self.spectral_settings[adapter].mode == "replace":
                 self.release_base_weight()
             else:
                 base = self.get_base_layer()
@@ -342,21 +373,81 @@ class SpectralLinear(nn.Module, SpectralLayer):
     def _choose_path(self, adapter: str, space: CoefficientSpace, tokens: int, x: torch.Tensor, coefficient_grad: bool) -> str:
         if self.compute_path != "auto":
             return self.compute_path
-        input_grad = torch.is_grad_enabled() and x.requires_grad
+        input_grad = (torch.is_grad_enabled() or self.training) and x.requires_grad
         half = x.dtype in (torch.bfloat16, torch.float16)
-        key = (adapter, tokens, x.device.type, coefficient_grad, input_grad, half)
+        compiling = torch.compiler.is_compiling()
+        key = (adapter, tokens, x.device.type, coefficient_grad, input_grad, half, compiling)
         path = self._path_memo.get(key)
         if path is None:
             mode = self.spectral_settings[adapter].mode
             path = cost_model.choose_path(
-                space, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half
+                space, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half,
+                sparse=not compiling,
             )
             if len(self._path_memo) > 64:
                 self._path_memo.clear()
             self._path_memo[key] = path
         return path
 
+    def _adapter_weight(self, adapter: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The merged weight of one delta adapter, cached per adapter while nothing it is built from changes."""
+        caches = self._mixed_weights
+        cache = caches.get(adapter)
+        if cache is None or not cache.valid(self, dtype, device, active=adapter):
+            with torch.no_grad():
+                weight = self._merged_weight([adapter]).to(dtype).contiguous()
+            watched = [self.spectral_coefficients[adapter], self.get_base_layer().weight]
+            if self.spectral_settings[adapter].block is None:
+                watched.append(self._indices(adapter))
+            cache = caches[adapter] = WeightCache(self, dtype, device, watched, weight, active=adapter)
+        return cache.weight
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row of the batch through its own adapter (``"__base__"``: none), as if run alone with it."""
+        if x.shape[0] != len(adapter_names):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows: give one adapter "
+                "name (or '__base__') per row."
+            )
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first.")
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(row)
+        out = None
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            part = x.index_select(0, index)
+            if name == "__base__" or name not in self.spectral_coefficients:
+                y = self.base_layer(part, *args, **kwargs)
+            elif self.quantization_backend is not None:
+                y = quantized.forward(self, part, [name], *args, **kwargs)
+            else:
+                device_type = x.device.type
+                autocast = torch.is_autocast_enabled(device_type)
+                dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+                bias = self.get_base_layer().bias
+                with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
+                    y = F.linear(part.to(dtype), self._adapter_weight(name, dtype, x.device),
+                                 None if bias is None else bias.to(dtype))
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, index, y)
+        object.__setattr__(self, "last_compute_path", "mixed")
+        return out
+
+    def _forward_matches_cache(self, active: list[str], tokens: int, x: torch.Tensor) -> bool:
+        """In training mode without gradients: does the path a gradient pass takes compute its output with the
+        merged weight, as the cache does (dense, sampled, several adapters), so that both give the same numbers?"""
+        if len(active) > 1:
+            return True
+        space = self.coefficient_space(active[0])
+        return self._choose_path(active[0], space, tokens, x, True) in ("dense", "sampled")
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         cache = self._weight_cache
         if cache is not None:
             out = self._forward_cached(x, cache)
@@ -376,6 +467,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.compute_path not in COMPUTE_PATHS:
             raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
+        if self.quantization_backend is not None:  # the quantized kernel plus the update; no weight cache
+            return quantized.forward(self, x, active, *args, **kwargs)
 
         base = self.get_base_layer()
         device_type = x.device.type
@@ -384,12 +477,20 @@ class SpectralLinear(nn.Module, SpectralLayer):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         grad = torch.is_grad_enabled()
-        coefficient_grad = grad and any(self.spectral_coefficients[a].requires_grad for a in active)
+        trains = any(self.spectral_coefficients[a].requires_grad for a in active)
+        coefficient_grad = grad and trains
         base_grad = grad and base.weight is not None and base.weight.requires_grad
+        # In training mode the path is chosen as if gradients were on even where they are off: gradient
+        # checkpointing (use_reentrant=True) runs the forward without them and recomputes it with them, and the
+        # two passes must compute the same numbers.
+        choose_grad = trains and (grad or self.training)
+        tokens = x.numel() // max(x.shape[-1], 1)
         with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
             x = x.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
-            if self.cache_weights and not (coefficient_grad or base_grad):
+            if self.cache_weights and not (coefficient_grad or base_grad) and (
+                not choose_grad or self._forward_matches_cache(active, tokens, x)
+            ):
                 object.__setattr__(self, "last_compute_path", "cached")
                 return F.linear(x, self._cached_weight(active, dtype, x.device), bias)
             self.drop_weight_cache()
@@ -402,8 +503,7 @@ class SpectralLinear(nn.Module, SpectralLayer):
             values = self.spectral_coefficients[adapter]
             values = values.to(transform_dtype(values.dtype))
             space = self.coefficient_space(adapter)
-            tokens = x.numel() // max(x.shape[-1], 1)
-            path = self._choose_path(adapter, space, tokens, x, coefficient_grad)
+            path = self._choose_path(adapter, space, tokens, x, choose_grad)
             object.__setattr__(self, "last_compute_path", path)
             return dispatch.run_path(
                 path,

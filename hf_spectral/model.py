@@ -7,8 +7,11 @@ dense weights are gone), and by default every non-spectral parameter trains and 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 
+import torch
 from peft.tuners.tuners_utils import (
     AuxiliaryTrainingWrapper,
     BaseTuner,
@@ -21,11 +24,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import quantized
 from ._peft_registry import PEFT_KEY_PREFIX, PREFIX
 from .config import SpectralConfig
-from .ecosystem.adapter_files import INDICES_SUFFIX
+from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
 from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 from .layouts import validate_indices
+from .loading import AdapterLoadError, fingerprints, partial_load_allowed
 
 __all__ = ["SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache"]
 
@@ -67,6 +72,9 @@ def _shape_of(module: nn.Module) -> tuple[int, int] | None:
         return module.out_features, module.in_features
     if isinstance(module, Conv1D):
         return module.nf, module.nx
+    if quantized.is_quantized(module):  # HQQ and other quantized layers that are not an nn.Linear
+        in_features, out_features = quantized.features(module)
+        return out_features, in_features
     return None
 
 
@@ -120,14 +128,15 @@ class SpectralModel(BaseTuner):
             raise ValueError("Current Key shouldn't be `None`")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         # transformers tags every parameter it loads from a checkpoint; weights built by from_config are untagged
-        from_pretrained = bool(getattr(base.weight, "_is_hf_initialized", False))
+        from_pretrained = bool(getattr(getattr(base, "weight", None), "_is_hf_initialized", False))  # HQQ has no weight
         if isinstance(target, SpectralLayer):
             target.update_layer(adapter_name, config, current_key, from_pretrained)
             return
-        if not isinstance(base, (nn.Linear, Conv1D)):
+        if not isinstance(base, (nn.Linear, Conv1D)) and not quantized.is_quantized(base):
             raise TypeError(
                 f"Target module {current_key!r} is a {type(base).__name__}; spectral layers replace torch.nn.Linear "
-                "and transformers' Conv1D. Remove it from target_modules (or add it to exclude_modules)."
+                "(plain or quantized: bitsandbytes, torchao, HQQ, ...) and transformers' Conv1D. Remove it from "
+                "target_modules (or add it to exclude_modules)."
             )
         if config.fan_in_fan_out != isinstance(base, Conv1D):
             warnings.warn(
@@ -136,16 +145,27 @@ class SpectralModel(BaseTuner):
                 stacklevel=2,
             )
             config.fan_in_fan_out = isinstance(base, Conv1D)
-        new_module = SpectralLinear(target, adapter_name, config, current_key, from_pretrained)
+        new_module = SpectralLinear(
+            target, adapter_name, config, current_key, from_pretrained, **quantized.layer_kwargs(self.model)
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Unloading puts the base layer back as it is. PEFT's version copies child.weight onto it, which a
+        # quantized base without a `weight` (HQQLinear, swapped in by a merge) does not have.
+        if isinstance(child, SpectralLayer) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # All or nothing: if any layer fails (a budget too large, an unsupported module), the layers already
         # made are taken out again, and replace mode releases dense weights only once every layer is built.
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
+            _check_layers_match_the_saved_ones(model, self.peft_config[adapter_name], adapter_name)
         except Exception:
             _remove_adapter_layers(model, adapter_name)
             raise
@@ -182,6 +202,9 @@ class SpectralModel(BaseTuner):
             for name, layer in spectral_layers(model)
             if adapter_name in layer.spectral_coefficients
         }
+        # ... and fingerprints of each layer's index set and saved tensors, so an edited config or a file from
+        # another adapter is refused on load (hf_spectral/loading.py)
+        config.fingerprints = fingerprints(spectral_layers(model), config, adapter_name, to_return)
         if config.mode == "replace" and config.train_non_spectral:
             # tied parameters are listed once (named_parameters skips the aliases), so a tied head is saved once
             for name, _ in _non_spectral_parameters(model):
@@ -189,10 +212,34 @@ class SpectralModel(BaseTuner):
                     to_return[name] = state_dict[name]
         return to_return
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT's contract: autocast_adapter_dtype=True keeps adapter weights in float32 (they are made in float32
+        # here); False keeps them in the model's dtype. The layer transforms in float32 either way.
+        if autocast_adapter_dtype:
+            return super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for _, layer in spectral_layers(self.model):
+            values = layer.spectral_coefficients.get(adapter_name) if adapter_name in layer.spectral_coefficients else None
+            dtype = layer.model_dtype()
+            if values is not None and dtype.is_floating_point and values.dtype != dtype:
+                layer.spectral_coefficients[adapter_name] = nn.Parameter(
+                    values.detach().to(dtype), requires_grad=values.requires_grad
+                )
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # Check saved index sets before anything is loaded: a corrupt file must not half-load.
         layers = {name.removeprefix(PEFT_KEY_PREFIX): layer for name, layer in spectral_layers(model)}
+        absent = sorted(
+            name for name, layer in layers.items()
+            if adapter_name in layer.spectral_coefficients and PEFT_KEY_PREFIX + name + COEFFICIENTS_SUFFIX not in state_dict
+        )
+        if absent and not partial_load_allowed():
+            if config.mode == "delta":
+                _remove_adapter_layers(model, adapter_name)
+            raise AdapterLoadError(
+                f"The adapter's weights hold no coefficients for {len(absent)} of its layers ({absent[:8]}): the weights "
+                "and the config do not belong together. Pass allow_partial_load=True to load only the others."
+            )
         for key, value in state_dict.items():
             if key.endswith(INDICES_SUFFIX):
                 layer_name = key.removesuffix(INDICES_SUFFIX).removeprefix(PEFT_KEY_PREFIX)
@@ -214,6 +261,119 @@ class SpectralModel(BaseTuner):
                         _remove_adapter_layers(model, adapter_name)
                     raise
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    # ----------------------------------------------------------------------------------------------
+    # combining adapters
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "linear") -> None:
+        """A new delta adapter ``adapter_name`` whose update is ``sum_i weights[i] * update_i``.
+
+        ``combination_type="linear"`` (the only one): the adapters must share their coefficient spaces (the same
+        layout, basis, seed, budget and target modules, hence the same index set in every layer), and the new
+        coefficients are the weighted sum of theirs, scalings included, so the result is exact. Adapters with
+        other index sets raise: merge them one by one (``merge_and_unload``), or convert them with
+        ``peft.convert_to_lora`` and combine the LoRA adapters.
+        """
+        import copy
+
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        if combination_type != "linear":
+            raise ValueError(
+                f"combination_type={combination_type!r} is not supported for spectral adapters; use 'linear' (a "
+                "weighted sum of coefficients over shared index sets)."
+            )
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError(f"Give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights.")
+        missing = [name for name in adapters if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} do not exist; this model has {sorted(self.peft_config)}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
+        configs = [self.peft_config[name] for name in adapters]
+        if any(config.mode != "delta" for config in configs):
+            raise ValueError("Only delta-mode adapters can be combined: a replace-mode adapter is the weight itself.")
+        fields = ("layout", "basis", "seed", "n_coefficients", "coefficient_fraction", "budget_pattern",
+                  "banded_rings", "banded_energy_share", "target_modules", "exclude_modules", "layers_to_transform")
+        differ = [f for f in fields if any(getattr(c, f) != getattr(configs[0], f) for c in configs[1:])]
+        if differ:
+            raise ValueError(
+                f"Adapters {adapters} differ in {differ}, so their index sets differ and a weighted sum of coefficients "
+                "is not their weighted update. Merge them one by one with merge_and_unload(), or convert them with "
+                "peft.convert_to_lora and combine the LoRA adapters."
+            )
+        config = copy.deepcopy(configs[0])
+        config.init_weights = True
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+            for name, layer in spectral_layers(self.model):
+                if adapter_name not in layer.spectral_coefficients:
+                    continue
+                if not all(a in layer.spectral_coefficients for a in adapters):
+                    raise ValueError(f"Layer {name!r} does not hold every adapter of {adapters}.")
+                target = layer.coefficient_space(adapter_name)
+                total = torch.zeros_like(layer.spectral_coefficients[adapter_name])
+                for adapter, weight in zip(adapters, weights, strict=True):
+                    space = layer.coefficient_space(adapter)
+                    same = space.block == target.block and (
+                        space.block is not None or torch.equal(space.indices.cpu(), target.indices.cpu())
+                    )
+                    if not same:
+                        raise ValueError(
+                            f"Layer {name!r}: adapter {adapter!r} has another index set than {adapters[0]!r} (a "
+                            "data-dependent layout read another base weight); they cannot be summed coefficient by "
+                            "coefficient."
+                        )
+                    scale = layer.spectral_settings[adapter].scaling / layer.spectral_settings[adapter_name].scaling
+                    total += weight * scale * layer.spectral_coefficients[adapter].detach().to(total.dtype)
+                with torch.no_grad():
+                    layer.spectral_coefficients[adapter_name].copy_(total)
+                layer.drop_weight_cache()
+        except Exception:
+            _remove_adapter_layers(self.model, adapter_name)
+            self.peft_config.pop(adapter_name, None)
+            raise
+        self._mark_only_adapters_as_trainable(self.model)
+
+    # ----------------------------------------------------------------------------------------------
+    # mixed batches: each row through its own adapter (LoRA's ``adapter_names``)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}.")
+        if self.training:
+            raise ValueError("adapter_names is for inference: call model.eval() first (mixed batches do not train).")
+        replace = self._replace_adapter_names()
+        if replace:
+            raise ValueError(
+                f"adapter_names cannot be used with replace-mode adapter(s) {replace}: there is no base model to run "
+                "the other rows with. Mixed batches need delta-mode adapters."
+            )
+        known = {name for _, layer in spectral_layers(self.model) for name in layer.spectral_coefficients}
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"adapter_names names adapter(s) {unknown} that this model does not have; it has "
+                             f"{sorted(known)} (and '__base__' for the base model).")
+        if any(layer.merged for _, layer in spectral_layers(self.model)):
+            raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first.")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats every row num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        for module in self.model.modules():
+            if isinstance(module, (SpectralLayer, AuxiliaryTrainingWrapper)):
+                hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ----------------------------------------------------------------------------------------------
     # replace mode has no dense weight to fall back on
@@ -247,6 +407,28 @@ class SpectralModel(BaseTuner):
             )
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _check_layers_match_the_saved_ones(model: nn.Module, config: SpectralConfig, adapter_name: str) -> None:
+    """A config saved with an adapter records its layers: the layers it targets here must be exactly those
+    (a removed target_modules would otherwise fall back to defaults and drop layers without a word)."""
+    if not config.layer_shapes or partial_load_allowed():
+        return
+    made = {name for name, layer in spectral_layers(model) if adapter_name in layer.spectral_settings}
+    recorded = set(config.layer_shapes)
+    if made != recorded:
+        extra, missing = sorted(made - recorded), sorted(recorded - made)
+        raise AdapterLoadError(
+            f"This spectral adapter was saved with {len(recorded)} layers, but its config targets {len(made)} layers of "
+            f"this model (not saved: {extra[:8]}; saved but not targeted: {missing[:8]}). Restore the saved "
+            "target_modules, load it into the model it was saved from, or pass allow_partial_load=True. The model "
+            "was left unchanged."
         )
 
 

@@ -17,16 +17,19 @@ class WeightCache:
 
     __slots__ = ("active", "dtype", "device", "inference", "states", "weight", "base")
 
-    def __init__(self, layer, dtype, device, watched, weight):
-        active = layer._active_adapter
+    def __init__(self, layer, dtype, device, watched, weight, active=None):
+        # ``active``: what the weight is for, the layer's active adapters by default (a mixed batch caches one
+        # weight per adapter)
+        active = layer._active_adapter if active is None else active
         self.active = list(active) if isinstance(active, list) else active
         self.dtype, self.device, self.weight = dtype, device, weight
         self.inference = torch.is_inference_mode_enabled()
         self.states = [(t, t._version, t.data_ptr()) for t in watched]
         self.base = layer.get_base_layer()
 
-    def valid(self, layer, dtype, device) -> bool:
-        if layer._active_adapter != self.active or dtype != self.dtype or device != self.device:
+    def valid(self, layer, dtype, device, active=None) -> bool:
+        active = layer._active_adapter if active is None else active
+        if active != self.active or dtype != self.dtype or device != self.device:
             return False
         if torch.is_inference_mode_enabled() != self.inference:
             return False

@@ -194,10 +194,20 @@ def choose_path(
     coefficient_grad: bool,
     input_grad: bool,
     half: bool = False,
+    sparse: bool = True,
 ) -> str:
-    """The cheapest path by :func:`estimate_costs` (``separate`` is never chosen: ``dense`` beats it)."""
+    """The cheapest path by :func:`estimate_costs` (``separate`` is never chosen: ``dense`` beats it).
+
+    ``sparse=False`` leaves out the paths that need sparse products (``sampled`` and ``spectral`` on scattered
+    positions): under ``torch.compile``, whose graphs cannot build the sparse patterns those paths read."""
     costs = estimate_costs(
         space, mode, tokens, device_type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half
     )
     allowed = costs_for(device_type).auto_paths
-    return min((path for path in costs if path in allowed), key=costs.get)
+    if not sparse and space.block is None:
+        allowed = tuple(path for path in allowed if path not in ("sampled", "spectral"))
+    best = None
+    for path, cost in costs.items():  # the first of the cheapest, as min() would; a loop torch.compile can trace
+        if path in allowed and (best is None or cost < costs[best]):
+            best = path
+    return best
