@@ -238,17 +238,7 @@ def test_disabling_the_adapter_gives_the_quantized_base(saved_llama, kind):
 # training, saving, loading
 
 
-HQQ_LOAD = pytest.param(
-    "hqq",
-    marks=pytest.mark.xfail(
-        strict=True,
-        reason="hf_spectral/loading.py's _module_shape reads no shape from an HQQLinear (not an nn.Linear), so the "
-        "load check refuses it; it should fall back to hf_spectral.quantized.features",
-    ),
-)
-
-
-@pytest.mark.parametrize("kind", ["bnb8", "bnb4", "torchao", HQQ_LOAD])
+@pytest.mark.parametrize("kind", ["bnb8", "bnb4", "torchao", "hqq"])
 def test_train_save_load(saved_llama, kind, tmp_path):
     layout = "energy" if kind == "bnb4" else "random"  # a saved data-dependent index set, on one backend
     model = get_peft_model(
