@@ -37,12 +37,14 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_pth_hook_is_installed_and_costs_nothing_at_startup():
     assert (Path(sysconfig.get_paths()["purelib"]) / "hf_spectral_autoload.pth").exists()
     out = _run("import sys; print('torch' in sys.modules, 'peft' in sys.modules)")
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
+@pytest.mark.slow
 def test_load_without_importing_hf_spectral(tmp_path):
     _save_adapter(tmp_path)
     out = _run(LOAD.format(path=str(tmp_path)))
@@ -50,6 +52,7 @@ def test_load_without_importing_hf_spectral(tmp_path):
     assert out.stdout.strip() == "SpectralModel"
 
 
+@pytest.mark.slow
 def test_turning_the_hook_off_gives_peft_its_plain_error(tmp_path):
     # documented: with HF_SPECTRAL_AUTOLOAD=0 the program must `import hf_spectral` itself
     _save_adapter(tmp_path)

@@ -233,6 +233,7 @@ def test_bad_arguments_get_a_message_and_a_nonzero_exit(base_dir, bad_inputs, ca
     assert message in err and "Traceback" not in err + out
 
 
+@pytest.mark.slow
 def test_the_console_script_exits_2_with_a_message(tmp_path):
     script = bin_of("hf-spectral")
     command = [script] if os.path.isabs(script) else [sys.executable, "-m", "hf_spectral.cli"]

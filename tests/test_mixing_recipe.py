@@ -87,6 +87,6 @@ def test_trainer_trains_a_mixer_model(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     out = trainer.train()
     assert math.isfinite(out.training_loss)
-    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     model.save_pretrained(tmp_path / "saved")
     assert "spectral_mixing" in json.loads((tmp_path / "saved" / "config.json").read_text())

@@ -56,6 +56,7 @@ def test_validation_windows_score_every_character_once():
     assert len(tokens) - 1 - predicted.numel() < 31
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ["dense", "random_mn10_wadam", "lowrank_mn2"])
 def test_smoke_arm_trains_and_writes_its_record(data_dir, tmp_path, arm):
     result = run(data_dir, tmp_path, arm)

@@ -214,6 +214,7 @@ def test_every_export_is_the_function_not_a_submodule():
 # the progress bar
 
 
+@pytest.mark.slow
 def test_quiet_trainer_prints_no_log_dicts_and_shows_one_bar(tmp_path, capsys):
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
