@@ -148,24 +148,42 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
-def _read_header(path: str) -> dict:
-    """{tensor name: (dtype, shape)} from a safetensors file, after safetensors' own check that the header
-    covers the file."""
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                torch.int64: "I64", torch.int32: "I32"}
+
+
+def _read_weights(folder: str):
+    """(path, {tensor name: (dtype, shape)}, get(name) -> tensor) of an adapter's weights file, after the file's own
+    integrity check: safetensors' header must cover the file; a PEFT pickle (``adapter_model.bin``, written with
+    ``safe_serialization=False``) is read with ``torch.load(weights_only=True)``, which never runs code."""
     from safetensors import SafetensorError, safe_open
 
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        path = os.path.join(folder, PICKLE_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise AdapterLoadError(f"{folder} has no {WEIGHTS_NAME}; it is not a complete spectral adapter.")
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise AdapterLoadError(
+                f"{path} cannot be read ({error}); it is truncated or damaged. Download or save the adapter again; "
+                "the model was left unchanged."
+            ) from None
+        header = {name: (_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for name, t in tensors.items()}
+        return path, header, tensors.__getitem__
     try:
-        with safe_open(path, framework="pt") as handle:
-            names = list(handle.keys())
-            header = {}
-            for name in names:
-                piece = handle.get_slice(name)
-                header[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+        handle = safe_open(path, framework="pt")
+        header = {}
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            header[name] = (piece.get_dtype(), tuple(piece.get_shape()))
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterLoadError(
             f"{path} is not a readable safetensors file ({error}); it is truncated or damaged. Download or save the "
             "adapter again; the model was left unchanged."
         ) from None
-    return header
+    return path, header, handle.get_tensor
 
 
 def _problem(path: str, message: str, fix: str) -> AdapterLoadError:
@@ -175,19 +193,9 @@ def _problem(path: str, message: str, fix: str) -> AdapterLoadError:
 def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "default") -> None:
     """Raise ``AdapterLoadError`` unless the adapter in ``folder`` can load into ``model`` as saved (see the
     module doc for the list of checks). Reads the files; changes nothing."""
-    from safetensors import safe_open
-
     from .coefficient_space import make_space
 
-    weights = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        if os.path.isfile(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
-            raise AdapterLoadError(
-                f"{folder} holds its weights as a pickle ({PICKLE_WEIGHTS_NAME}), which hf_spectral does not load. "
-                "Re-save the adapter with save_pretrained(..., safe_serialization=True)."
-            )
-        raise AdapterLoadError(f"{folder} has no {WEIGHTS_NAME}; it is not a complete spectral adapter.")
-    header = _read_header(weights)
+    weights, header, get_tensor = _read_weights(folder)
     shapes = {name: tuple(shape) for name, shape in (config.layer_shapes or {}).items()}
     if not shapes:
         raise _problem(
@@ -246,46 +254,45 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
             os.path.join(folder, CONFIG_NAME), "was edited after the adapter was saved: " + "; ".join(edited) + ".",
             "These fields decide which coefficients the weights are; restore the saved values.",
         )
-    with safe_open(weights, framework="pt") as handle:
-        for name, (m, n) in shapes.items():
-            if name in missing or name in not_saved:
-                continue
-            stored = coefficient_layers[name]
-            count = stored[COEFFICIENTS_SUFFIX]
-            key = PEFT_KEY_PREFIX + name
-            indices = handle.get_tensor(key + INDICES_SUFFIX) if INDICES_SUFFIX in stored else None
-            if indices is None and config.layout in ("energy", "banded"):
-                raise _problem(weights, f"has no index set for layer {name!r} (layout {config.layout!r} saves one).",
-                               "The file is damaged; save the adapter again.")
-            try:
-                space = make_space(m, n, config.budget_for(name, m, n), layout=config.layout, basis=config.basis,
-                                   seed=config.seed, indices=indices, name=name)
-            except ValueError as error:
-                raise _problem(weights, str(error), "Save the adapter again.") from None
-            if space.k != count:
+    for name, (m, n) in shapes.items():
+        if name in missing or name in not_saved:
+            continue
+        stored = coefficient_layers[name]
+        count = stored[COEFFICIENTS_SUFFIX]
+        key = PEFT_KEY_PREFIX + name
+        indices = get_tensor(key + INDICES_SUFFIX) if INDICES_SUFFIX in stored else None
+        if indices is None and config.layout in ("energy", "banded"):
+            raise _problem(weights, f"has no index set for layer {name!r} (layout {config.layout!r} saves one).",
+                           "The file is damaged; save the adapter again.")
+        try:
+            space = make_space(m, n, config.budget_for(name, m, n), layout=config.layout, basis=config.basis,
+                               seed=config.seed, indices=indices, name=name)
+        except ValueError as error:
+            raise _problem(weights, str(error), "Save the adapter again.") from None
+        if space.k != count:
+            raise _problem(
+                weights, f"holds {count} coefficients for layer {name!r}, where its {CONFIG_NAME} (layout "
+                f"{config.layout!r}, budget {config.budget_for(name, m, n)}) gives {space.k}.",
+                "The weights file and the config do not belong together.",
+            )
+        record = saved_prints.get(name)
+        if record is None:
+            continue  # saved before fingerprints existed
+        index_hash, _, checksum = record.partition(":")
+        if index_fingerprint(space) != index_hash:
+            raise _problem(
+                os.path.join(folder, CONFIG_NAME), f"gives layer {name!r} another index set than the one its "
+                "weights were trained on (layout, seed, budget, basis or target modules differ from the saved ones).",
+                "Restore the config that was saved with these weights.",
+            )
+        if checksum:
+            values = get_tensor(key + COEFFICIENTS_SUFFIX)
+            data = _tensor_bytes(values) + (b"" if indices is None else _tensor_bytes(indices))
+            if _digest(data) != checksum:
                 raise _problem(
-                    weights, f"holds {count} coefficients for layer {name!r}, where its {CONFIG_NAME} (layout "
-                    f"{config.layout!r}, budget {config.budget_for(name, m, n)}) gives {space.k}.",
-                    "The weights file and the config do not belong together.",
+                    weights, f"holds other values for layer {name!r} than were saved with its {CONFIG_NAME}.",
+                    "The file is damaged or comes from another adapter; download or save it again.",
                 )
-            record = saved_prints.get(name)
-            if record is None:
-                continue  # saved before fingerprints existed
-            index_hash, _, checksum = record.partition(":")
-            if index_fingerprint(space) != index_hash:
-                raise _problem(
-                    os.path.join(folder, CONFIG_NAME), f"gives layer {name!r} another index set than the one its "
-                    "weights were trained on (layout, seed, budget, basis or target modules differ from the saved ones).",
-                    "Restore the config that was saved with these weights.",
-                )
-            if checksum:
-                values = handle.get_tensor(key + COEFFICIENTS_SUFFIX)
-                data = _tensor_bytes(values) + (b"" if indices is None else _tensor_bytes(indices))
-                if _digest(data) != checksum:
-                    raise _problem(
-                        weights, f"holds other values for layer {name!r} than were saved with its {CONFIG_NAME}.",
-                        "The file is damaged or comes from another adapter; download or save it again.",
-                    )
     if missing or not_saved:
         warnings.warn(
             f"allow_partial_load=True: {len(missing) + len(not_saved)} of the adapter's {len(shapes)} layers are not "

@@ -229,10 +229,10 @@ class SpectralModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # Check saved index sets before anything is loaded: a corrupt file must not half-load.
         layers = {name.removeprefix(PEFT_KEY_PREFIX): layer for name, layer in spectral_layers(model)}
-        absent = sorted(
-            name for name, layer in layers.items()
-            if adapter_name in layer.spectral_coefficients and PEFT_KEY_PREFIX + name + COEFFICIENTS_SUFFIX not in state_dict
-        )
+        # keys carry PeftModel's prefix, or none when the adapter was injected into the model directly
+        saved = {key.removeprefix(PEFT_KEY_PREFIX).removesuffix(COEFFICIENTS_SUFFIX) for key in state_dict
+                 if key.endswith(COEFFICIENTS_SUFFIX)}
+        absent = sorted(name for name, layer in layers.items() if adapter_name in layer.spectral_coefficients and name not in saved)
         if absent and not partial_load_allowed():
             if config.mode == "delta":
                 _remove_adapter_layers(model, adapter_name)

@@ -87,6 +87,18 @@ def test_a_truncated_weights_file_is_refused_by_name_and_the_model_is_unchanged(
     assert_unchanged(model, before)
 
 
+def test_a_pickled_adapter_is_checked_and_loads_as_peft_saved_it(tmp_path, base):
+    model = get_peft_model(llama(), SpectralConfig(n_coefficients=40, init_weights=False, target_modules=TARGETS)).eval()
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert (tmp_path / "pickled" / "adapter_model.bin").is_file()
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(llama(), tmp_path / "pickled")), logits(model))
+    edit_config(tmp_path / "pickled", seed=5)
+    fresh, before = base
+    with pytest.raises(AdapterLoadError, match="seed: saved"):
+        PeftModel.from_pretrained(fresh, tmp_path / "pickled")
+    assert_unchanged(fresh, before)
+
+
 def test_a_flipped_byte_in_the_coefficients_is_refused(tmp_path, base):
     folder, _ = save(tmp_path)
     weights = folder / "adapter_model.safetensors"
