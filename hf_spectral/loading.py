@@ -118,7 +118,8 @@ def _is_dtensor(tensor) -> bool:
 # the checks, before the model is touched
 
 
-def _module_shape(module: nn.Module) -> Optional[tuple[int, int]]:
+def module_shape(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(out, in) of a module a spectral layer can wrap (or of a spectral layer), else None."""
     from transformers.pytorch_utils import Conv1D
 
     from .layer import SpectralLayer
@@ -224,8 +225,8 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
     # every recorded layer is in the model with its shape, and in the file
     modules = _base_modules(model)
     missing = sorted(name for name in shapes if name not in modules)
-    wrong = [f"{name}: adapter {shapes[name]} vs model {_module_shape(modules[name])}" for name in sorted(shapes)
-             if name in modules and _module_shape(modules[name]) != shapes[name]]
+    wrong = [f"{name}: adapter {shapes[name]} vs model {module_shape(modules[name])}" for name in sorted(shapes)
+             if name in modules and module_shape(modules[name]) != shapes[name]]
     not_saved = sorted(name for name in shapes if COEFFICIENTS_SUFFIX not in coefficient_layers.get(name, {}))
     if wrong:
         raise _problem(

@@ -30,7 +30,7 @@ from .config import SpectralConfig
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
 from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 from .layouts import validate_indices
-from .loading import AdapterLoadError, fingerprints, partial_load_allowed
+from .loading import AdapterLoadError, fingerprints, module_shape, partial_load_allowed
 
 __all__ = ["SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache"]
 
@@ -63,19 +63,6 @@ def set_weight_cache(model: nn.Module, enabled: bool) -> int:
         layer.cache_weights = bool(enabled)
         layer.drop_weight_cache()
     return len(layers)
-
-
-def _shape_of(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, SpectralLayer):
-        return module.out_features, module.in_features
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if isinstance(module, Conv1D):
-        return module.nf, module.nx
-    if quantized.is_quantized(module):  # HQQ and other quantized layers that are not an nn.Linear
-        in_features, out_features = quantized.features(module)
-        return out_features, in_features
-    return None
 
 
 class SpectralModel(BaseTuner):
@@ -111,7 +98,7 @@ class SpectralModel(BaseTuner):
         modules = dict(model.named_modules())
         for key, saved in (config.layer_shapes or {}).items():
             module = modules.get(key)
-            shape = _shape_of(module) if module is not None else None
+            shape = module_shape(module) if module is not None else None
             if shape is not None and tuple(shape) != tuple(saved):
                 mismatched.append(f"{key}: adapter {tuple(saved)} vs model {tuple(shape)}")
         if mismatched:
