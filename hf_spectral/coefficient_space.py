@@ -27,6 +27,7 @@ import torch
 from .bases import basis_matrix
 from .compute import cost_model
 from .dct import dct2, dct_lastdim, idct_lastdim
+from .index_codec import in_memory
 from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices
 
 __all__ = ["CoefficientSpace", "make_space", "TRANSFORMS"]
@@ -217,15 +218,17 @@ def make_space(
     set is computed.
 
     ``weight`` (out x in, in the transform dtype) is read by the layouts that rank the existing weight's
-    coefficients (``energy``, ``banded``). ``indices`` are index sets read from a saved adapter: they are
-    validated and used as they are (a data-dependent set cannot be recomputed from the config).
-    ``lowfreq`` keeps the largest block that fits ``k`` (possibly fewer than ``k`` coefficients).
+    coefficients (``energy``, ``banded``). ``indices`` are index sets read from a saved adapter (positions,
+    as ``index_codec.decode`` gives them): they are validated and used as they are (a data-dependent set
+    cannot be recomputed from the config). Index sets are held as int32 positions where the layer's m * n
+    fits (``index_codec.memory_dtype``). ``lowfreq`` keeps the largest block that fits ``k`` (possibly fewer
+    than ``k`` coefficients).
     """
     if layout == "lowfreq":
         return CoefficientSpace(m, n, basis, seed, block=lowfreq_block(m, n, k))
     if indices is not None:
         validate_indices(indices, m, n, name=name)
-        return CoefficientSpace(m, n, basis, seed, indices=indices.to(torch.int64))
+        return CoefficientSpace(m, n, basis, seed, indices=in_memory(indices, m, n))
     coefficients = None
     if layout in DATA_DEPENDENT_LAYOUTS:
         if weight is None:
@@ -239,4 +242,4 @@ def make_space(
         coefficients = everything.all_coefficients(weight)
     chosen = select_indices(layout, m, n, k, seed=seed, coefficients=coefficients, rings=rings, energy_share=energy_share)
     device = weight.device if weight is not None else torch.device("cpu")
-    return CoefficientSpace(m, n, basis, seed, indices=chosen.to(device))
+    return CoefficientSpace(m, n, basis, seed, indices=in_memory(chosen, m, n).to(device))

@@ -17,6 +17,7 @@ banded     L rings by distance from DC, an equal share of K per ring; within   y
 =========  ==================================================================  ===========
 
 Sets that need data are saved with the adapter; the others are recomputed from shape and seed.
+Layers hold them as int32 where m * n fits, and save them in the smaller of two forms (``index_codec``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ fingerprints that tie a config to its weights, and how a failed load is undone.
 Before anything changes, :func:`check_adapter` reads ``adapter_config.json`` and the safetensors file
 and checks: the file opens and its header covers it; every tensor's name, shape and dtype; every layer
 the adapter was saved with exists in the model with its recorded shape, and no tensor belongs to a
-layer the config does not record; index sets are in range, unique and as long as the coefficients;
+layer the config does not record; index sets (a bitmap or positions, decoded by ``index_codec``) are in
+range, unique and as long as the coefficients;
 and, for adapters saved by 0.2 and later, the fingerprints: a hash of each layer's index set (recomputed
 from the config for ``random``, ``triangle`` and ``lowfreq``) and a checksum of its saved tensors, so an
 edited ``seed``, ``layout``, budget or ``basis``, or a weights file from another adapter, is refused and
@@ -34,6 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import index_codec
 from ._peft_registry import PEFT_KEY_PREFIX
 from .ecosystem.adapter_files import (
     COEFFICIENTS_SUFFIX,
@@ -46,7 +48,7 @@ from .ecosystem.adapter_files import (
 
 __all__ = [
     "AdapterLoadError", "FINGERPRINT_FIELDS", "check_adapter", "fingerprints", "partial_load_allowed", "transaction",
-    "guard_peft_from_pretrained", "guard_peft_load_adapter", "guard_transformers_load_adapter",
+    "encode_index_sets", "guard_peft_from_pretrained", "guard_peft_load_adapter", "guard_transformers_load_adapter",
 ]
 
 _PARTIAL_LOAD = contextvars.ContextVar("hf_spectral_allow_partial_load", default=False)
@@ -63,7 +65,7 @@ FINGERPRINT_FIELDS = (
     "banded_rings", "banded_energy_share",
 )
 FLOAT_DTYPES = {"F64", "F32", "BF16", "F16"}
-INDEX_DTYPES = {"I64", "I32"}
+INDEX_DTYPES = {"I64", "I32", "U8"}  # positions, or a bitmap (index_codec)
 
 
 class AdapterLoadError(AdapterFileError):
@@ -114,6 +116,17 @@ def _is_dtensor(tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
 
 
+def encode_index_sets(layers_of_model, adapter_name: str, saved: dict) -> None:
+    """Replace each saved index set in ``saved`` (the adapter state dict being written, keys still ending in the
+    adapter name) by its smallest form on disk, a bitmap or int32 positions (``index_codec.encode``). Runs before
+    :func:`fingerprints`, so the checksums cover the bytes the file holds."""
+    for name, layer in layers_of_model:
+        key = f"{name}{INDICES_SUFFIX}.{adapter_name}"
+        tensor = saved.get(key)
+        if tensor is not None and not _is_dtensor(tensor):
+            saved[key] = index_codec.encode(tensor, layer.out_features, layer.in_features)
+
+
 # --------------------------------------------------------------------------------------------------
 # the checks, before the model is touched
 
@@ -150,7 +163,7 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                torch.int64: "I64", torch.int32: "I32"}
+                torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
 
 
 def _read_weights(folder: str):
@@ -266,8 +279,10 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
             raise _problem(weights, f"has no index set for layer {name!r} (layout {config.layout!r} saves one).",
                            "The file is damaged; save the adapter again.")
         try:
-            space = make_space(m, n, config.budget_for(name, m, n), layout=config.layout, basis=config.basis,
-                               seed=config.seed, indices=indices, name=name)
+            budget = config.budget_for(name, m, n)
+            positions = None if indices is None else index_codec.decode(indices, m, n, k=budget, name=name)
+            space = make_space(m, n, budget, layout=config.layout, basis=config.basis,
+                               seed=config.seed, indices=positions, name=name)
         except ValueError as error:
             raise _problem(weights, str(error), "Save the adapter again.") from None
         if space.k != count:

@@ -28,9 +28,10 @@ from . import quantized
 from ._peft_registry import PEFT_KEY_PREFIX, PREFIX
 from .config import SpectralConfig
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
+from .index_codec import decode as decode_indices
 from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 from .layouts import validate_indices
-from .loading import AdapterLoadError, fingerprints, module_shape, partial_load_allowed
+from .loading import AdapterLoadError, encode_index_sets, fingerprints, module_shape, partial_load_allowed
 
 __all__ = ["SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache"]
 
@@ -189,6 +190,7 @@ class SpectralModel(BaseTuner):
             for name, layer in spectral_layers(model)
             if adapter_name in layer.spectral_coefficients
         }
+        encode_index_sets(spectral_layers(model), adapter_name, to_return)  # a bitmap or int32 (index_codec)
         # ... and fingerprints of each layer's index set and saved tensors, so an edited config or a file from
         # another adapter is refused on load (hf_spectral/loading.py)
         config.fingerprints = fingerprints(spectral_layers(model), config, adapter_name, to_return)
@@ -227,6 +229,7 @@ class SpectralModel(BaseTuner):
                 f"The adapter's weights hold no coefficients for {len(absent)} of its layers ({absent[:8]}): the weights "
                 "and the config do not belong together. Pass allow_partial_load=True to load only the others."
             )
+        state_dict = dict(state_dict)  # saved index sets are decoded to positions below (index_codec)
         for key, value in state_dict.items():
             if key.endswith(INDICES_SUFFIX):
                 layer_name = key.removesuffix(INDICES_SUFFIX).removeprefix(PEFT_KEY_PREFIX)
@@ -234,8 +237,11 @@ class SpectralModel(BaseTuner):
                 if layer is None:
                     continue
                 try:
-                    validate_indices(value, layer.out_features, layer.in_features, name=layer_name)
                     expected = layer.spectral_coefficients[adapter_name].numel()
+                    value = state_dict[key] = decode_indices(
+                        value, layer.out_features, layer.in_features, k=expected, name=layer_name
+                    )
+                    validate_indices(value, layer.out_features, layer.in_features, name=layer_name)
                     if value.numel() != expected:
                         raise ValueError(
                             f"The adapter file holds {value.numel()} indices for layer {layer_name!r}, whose "

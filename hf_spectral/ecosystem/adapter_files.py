@@ -181,6 +181,7 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
     from safetensors import safe_open
 
     from ..coefficient_space import make_space
+    from ..index_codec import decode
 
     config = _spectral_config(summary)
     wanted = None if names is None else set(names)
@@ -198,9 +199,11 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
             values = handle.get_tensor(key + COEFFICIENTS_SUFFIX).to(torch.float64)
             saved = handle.get_tensor(key + INDICES_SUFFIX) if layer.has_saved_indices else None
             try:
+                budget = config.budget_for(layer.name, m, n)
+                positions = None if saved is None else decode(saved, m, n, k=budget, name=layer.name)
                 space = make_space(
-                    m, n, config.budget_for(layer.name, m, n), layout=config.layout, basis=config.basis,
-                    seed=config.seed, indices=saved, name=layer.name,
+                    m, n, budget, layout=config.layout, basis=config.basis,
+                    seed=config.seed, indices=positions, name=layer.name,
                 )
             except ValueError as error:
                 raise AdapterFileError(f"{summary.path}: {error}") from None
