@@ -126,8 +126,10 @@ def test_compress_keeps_the_largest_coefficients_and_reports_true_errors(base_di
 
 def test_compress_at_fraction_one_is_lossless_and_the_output_loads(base_dir, tmp_path, capsys):
     out_dir = tmp_path / "full"
-    code, _, _ = _run(capsys, "compress", base_dir, "--fraction", "1", "--layout", "lowfreq", "--out", out_dir)
-    assert code == 0
+    # every coefficient kept: the adapter's longer tensor names make its file a little larger than the dense one
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "1", "--layout", "lowfreq", "--out", out_dir,
+                        "--allow-growth")
+    assert code == 0 and "writing it (--allow-growth)" in err
     report = json.loads((out_dir / "compression.json").read_text())
     assert max(r["relative_error"] for r in report["layers"]) < 1e-6
     inputs = token_rows(2, seed=5)
@@ -137,6 +139,114 @@ def test_compress_at_fraction_one_is_lossless_and_the_output_loads(base_dir, tmp
         torch.testing.assert_close(loaded(input_ids=inputs).logits, base(input_ids=inputs).logits,
                                    atol=1e-4, rtol=1e-4)
     assert all(m.get_base_layer().weight is None for m in loaded.modules() if isinstance(m, SpectralLayer))
+
+
+def test_compress_reports_bytes_before_and_after_as_they_are_held_and_written(base_dir, tmp_path, capsys):
+    out_dir = tmp_path / "half"
+    code, out, _ = _run(capsys, "compress", base_dir, "--fraction", "0.5", "--out", out_dir)
+    assert code == 0
+    report = json.loads((out_dir / "compression.json").read_text())
+    before, after, layers = report["bytes_before"], report["bytes_after"], report["layers"]
+    dense_file = os.path.getsize(os.path.join(base_dir, "model.safetensors"))
+    assert before["model_files"] == {"model.safetensors": dense_file} and before["model_on_disk"] == dense_file
+    dense = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert before["model_in_memory"] == sum(p.numel() * 4 for p in dense.parameters()) + sum(
+        b.numel() * b.element_size() for b in dense.buffers())
+    sizes = [r["shape"][0] * r["shape"][1] for r in layers]
+    assert before["compressed_layers"] == 4 * sum(sizes)
+    # energy at 0.5: float32 coefficients with int32 positions in memory; a bitmap of m x n bits on disk
+    assert all(r["index_set"] == "saved as a bitmap" for r in layers)
+    assert after["compressed_layers_in_memory"] == sum(8 * r["n_coefficients"] for r in layers)
+    assert after["compressed_layers_on_disk"] == sum(4 * r["n_coefficients"] + -(-s // 8) for r, s in
+                                                     zip(layers, sizes, strict=True))
+    written = os.path.getsize(out_dir / "adapter_model.safetensors")
+    assert after["model_on_disk"] == written == after["written_files"]["adapter_model.safetensors"]
+    assert abs(after["predicted_weights_file"] - written) <= 0.01 * written  # the header estimated
+    assert written < dense_file and after["model_in_memory"] <= before["model_in_memory"]
+    # the evaluation weight cache: one float32 dense weight per layer on top
+    assert after["weight_cache"] == 4 * sum(sizes)
+    assert after["model_in_memory_with_cache"] == after["model_in_memory"] + after["weight_cache"]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out_dir)
+    from hf_spectral.cli.compress import resident_bytes
+
+    assert resident_bytes(loaded) == after["model_in_memory"]
+    assert "whole model, on disk (model.safetensors -> adapter_model.safetensors)" in out
+    assert "set_weight_cache(model, False)" in out and "written: adapter_model.safetensors" in out
+
+
+def test_compress_refuses_a_result_larger_than_the_dense_model_before_writing(base_dir, tmp_path, capsys):
+    out_dir = tmp_path / "grown"
+    # every coefficient in float32, and a bitmap per layer on top
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "1", "--out", out_dir)
+    assert code == 1
+    assert "would be larger than the dense one" in err and "on disk against the dense model's" in err
+    assert "--allow-growth" in err and "Nothing was written" in err
+    assert not out_dir.exists()
+    code, _, _ = _run(capsys, "compress", base_dir, "--fraction", "1", "--out", out_dir, "--allow-growth")
+    assert code == 0 and (out_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def base_with_tokenizer(tmp_path_factory):
+    """The tiny GPT-2 with a character tokenizer beside it, and a text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_gpt2_tokenizer")
+    text = "the quick brown fox jumps over the lazy dog; " * 20
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(sorted(set(text)))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>").save_pretrained(folder)
+    tiny_gpt2(seed=0).save_pretrained(folder)
+    (folder / "text.txt").write_text(text)
+    return folder
+
+
+def _perplexity(model, rows) -> float:
+    with torch.no_grad():
+        losses = [float(model(input_ids=row[None], labels=row[None]).loss) for row in rows]
+    return float(np.exp(np.mean(losses)))
+
+
+def test_compress_prints_the_perplexity_before_and_after_on_the_same_windows(base_with_tokenizer, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    folder, out_dir = base_with_tokenizer, tmp_path / "c"
+    code, out, _ = _run(capsys, "compress", folder, "--fraction", "0.5", "--out", out_dir, "--text",
+                        folder / "text.txt", "--eval-windows", "3", "--eval-length", "16")
+    assert code == 0
+    ids = AutoTokenizer.from_pretrained(folder)((folder / "text.txt").read_text(), add_special_tokens=False)["input_ids"]
+    span = len(ids) - 16
+    rows = torch.tensor([ids[s:s + 16] for s in (0, round(span / 2), span)])  # evenly spaced, first to last
+    report = json.loads((out_dir / "compression.json").read_text())["perplexity"]
+    assert report["windows"] == 3 and report["length"] == 16
+    assert report["before"] == pytest.approx(_perplexity(AutoModelForCausalLM.from_pretrained(folder).eval(), rows),
+                                             rel=1e-5)
+    compressed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), out_dir).eval()
+    assert report["after"] == pytest.approx(_perplexity(compressed, rows), rel=1e-5)
+    assert f"{report['before']:.3f} before, {report['after']:.3f} after" in out
+
+
+def test_compress_text_errors_name_the_value_and_the_fix(base_dir, base_with_tokenizer, tmp_path, capsys):
+    text = base_with_tokenizer / "text.txt"
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "0.5", "--out", tmp_path / "a", "--text", text)
+    assert code == 1 and "--text needs the model's tokenizer" in err and "tokenizer.save_pretrained" in err
+    code, _, err = _run(capsys, "compress", base_with_tokenizer, "--fraction", "0.5", "--out", tmp_path / "b",
+                        "--text", text, "--eval-length", "64")
+    assert code == 1 and "--eval-length 64 is longer than the model's 32 positions; give at most 32" in err
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "0.5", "--out", tmp_path / "c",
+                        "--text", tmp_path / "missing.txt")
+    assert code == 1 and "no such file" in err
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_the_commands_constants_are_the_library_ones():
+    from hf_spectral.cli import compress
+    from hf_spectral.ecosystem.adapter_files import WEIGHTS_NAME
+    from hf_spectral.layouts import LAYOUTS
+
+    assert compress.LAYOUTS == LAYOUTS and compress.WEIGHTS_FILE == WEIGHTS_NAME
 
 
 # ------------------------------------------------------------------------------------------------
