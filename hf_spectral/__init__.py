@@ -28,6 +28,7 @@ _LAZY_NAMES = {
     "SpectralLinear": ".layer",
     "SpectralModel": ".model",
     "set_compute_path": ".model",
+    "set_path_tuning": ".compute.autotune",
     "set_weight_cache": ".model",
     "spectral_layers": ".model",
 }
@@ -46,6 +47,7 @@ __all__ = [
     "dct",
     "layouts",
     "set_compute_path",
+    "set_path_tuning",
     "set_weight_cache",
     "spectral_layers",
 ]

@@ -30,7 +30,7 @@ from .dct import dct2, dct_lastdim, idct_lastdim
 from .index_codec import in_memory
 from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices
 
-__all__ = ["CoefficientSpace", "make_space", "TRANSFORMS"]
+__all__ = ["CoefficientSpace", "make_space", "TRANSFORMS", "group_key", "group_to_matrix", "group_from_matrix"]
 
 # how the transforms run: the cheaper of the two by the cost model, or one forced (for tests)
 TRANSFORMS = ("auto", "fft", "matmul")
@@ -192,6 +192,61 @@ class CoefficientSpace:
         pattern = _csr(crow, col, a_t.new_zeros(col.numel()), (self.m, self.n))
         sampled = torch.sparse.sampled_addmm(pattern, a_t, b, beta=0.0).values()
         return sampled if order is None else torch.empty_like(sampled).index_put_((order,), sampled)
+
+
+# -- several spaces of one shape at once: one batched transform instead of one per layer ----------------
+
+
+def group_key(space: CoefficientSpace, method: str) -> tuple:
+    """Spaces with equal keys share one batched map: the same shape, basis (and seed of a random basis),
+    block (or scattered positions, which may differ) and transform method."""
+    return (space.m, space.n, space.basis, 0 if space.basis == "dct" else space.seed, space.block, method)
+
+
+def group_to_matrix(spaces: list[CoefficientSpace], values: list[torch.Tensor], method: str) -> torch.Tensor:
+    """``to_matrix`` of several spaces with one :func:`group_key`, batched: an L x m x n tensor."""
+    first = spaces[0]
+    m, n, count = first.m, first.n, len(spaces)
+    if first.block is not None:
+        p, q = first.block
+        s = torch.stack([v.view(p, q) for v in values])
+        if method == "fft":
+            return first.synthesise(first.synthesise(s, "in", "fft").transpose(-1, -2), "out", "fft").transpose(-1, -2)
+        b_m, b_n = first.basis_rows("out", s.dtype, s.device)[:p], first.basis_rows("in", s.dtype, s.device)[:q]
+        return (b_m.T @ s) @ b_n
+    full = values[0].new_zeros(count * m * n).index_put_((_group_positions(spaces),), torch.cat(values)).view(count, m, n)
+    if method == "fft":
+        return first.synthesise(first.synthesise(full, "in", "fft").transpose(-1, -2), "out", "fft").transpose(-1, -2)
+    return first.basis_rows("out", full.dtype, full.device).T @ full @ first.basis_rows("in", full.dtype, full.device)
+
+
+def group_from_matrix(spaces: list[CoefficientSpace], matrices: torch.Tensor, method: str) -> list[torch.Tensor]:
+    """``from_matrix`` of an L x m x n tensor for several spaces with one :func:`group_key`: L coefficient vectors."""
+    first = spaces[0]
+    if first.block is not None:
+        p, q = first.block
+        if method == "fft":
+            s = first.analyse(first.analyse(matrices, "in", q, "fft").transpose(-1, -2), "out", p, "fft").transpose(-1, -2)
+        else:
+            b_m = first.basis_rows("out", matrices.dtype, matrices.device)[:p]
+            b_n = first.basis_rows("in", matrices.dtype, matrices.device)[:q]
+            s = b_m @ matrices @ b_n.T
+        return list(s.reshape(len(spaces), p * q).unbind(0))
+    if method == "fft":
+        m, n = first.m, first.n
+        full = first.analyse(first.analyse(matrices, "in", n, "fft").transpose(-1, -2), "out", m, "fft").transpose(-1, -2)
+    else:
+        b_m = first.basis_rows("out", matrices.dtype, matrices.device)
+        b_n = first.basis_rows("in", matrices.dtype, matrices.device)
+        full = b_m @ matrices @ b_n.T
+    picked = full.reshape(-1).index_select(0, _group_positions(spaces))
+    return list(picked.split([space.k for space in spaces]))
+
+
+def _group_positions(spaces: list[CoefficientSpace]) -> torch.Tensor:
+    """The scattered positions of every space, as flat positions in an L x m x n tensor."""
+    size = spaces[0].m * spaces[0].n
+    return torch.cat([space.indices.to(torch.int64) + layer * size for layer, space in enumerate(spaces)])
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:

@@ -21,12 +21,21 @@ from transformers.pytorch_utils import Conv1D
 
 from . import quantized
 from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
-from .compute import cost_model, dispatch
+from .compute import autotune, dispatch
 from .compute.functions import matrix, transform_dtype
 from .layouts import DATA_DEPENDENT_LAYOUTS
 from .weight_cache import WeightCache
 
 COMPUTE_PATHS = dispatch.PATHS
+
+try:  # FSDP2 (fully_shard) holds parameters as DTensors
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch without torch.distributed.tensor
+    _DTensor = None
+
+
+def _is_dtensor(tensor) -> bool:
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class SpectralLayer(BaseTunerLayer):
         self.spectral_settings: dict[str, AdapterSettings] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        # how forward computes: "auto" (the cheapest by the cost model, compute/cost_model.py) or a forced path
+        # how forward computes: "auto" (the fastest measured here, compute/autotune.py) or a forced path
         self.compute_path = "auto"
         self.last_compute_path: Optional[str] = None  # what the last forward did (for tests and benchmarks)
         # Evaluation reuses the rebuilt weight while the coefficients, the base weight and the active
@@ -66,6 +75,8 @@ class SpectralLayer(BaseTunerLayer):
         self._weight_cache: Optional[WeightCache] = None
         self._mixed_weights: dict[str, WeightCache] = {}  # one merged weight per adapter, for mixed batches
         self._spaces: dict[str, CoefficientSpace] = {}
+        # a merged weight built ahead by a batched rebuild of same-shape layers (rebuild_groups.py), used once
+        self._prebuilt: Optional[tuple] = None
         self._path_memo: dict[tuple, str] = {}
         self.kwargs = kwargs
 
@@ -373,16 +384,21 @@ class SpectralLinear(nn.Module, SpectralLayer):
     def _choose_path(self, adapter: str, space: CoefficientSpace, tokens: int, x: torch.Tensor, coefficient_grad: bool) -> str:
         if self.compute_path != "auto":
             return self.compute_path
-        input_grad = (torch.is_grad_enabled() or self.training) and x.requires_grad
-        half = x.dtype in (torch.bfloat16, torch.float16)
+        # In training mode the choice is the same whatever this pass needs: a checkpointed block runs once without
+        # gradients and again with them, a frozen embedding's output needs no input gradient where the same layer
+        # elsewhere does, and the measured choice (autotune) must not make same-shape layers or the two passes of
+        # one layer take different paths, which would change the numbers in their last bits.
+        input_grad = self.training or (torch.is_grad_enabled() and x.requires_grad)
         compiling = torch.compiler.is_compiling()
-        key = (adapter, tokens, x.device.type, coefficient_grad, input_grad, half, compiling)
+        key = (adapter, tokens, x.device.type, x.dtype, coefficient_grad, input_grad, compiling)
         path = self._path_memo.get(key)
         if path is None:
-            mode = self.spectral_settings[adapter].mode
-            path = cost_model.choose_path(
-                space, mode, tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half,
-                sparse=not compiling,
+            settings = self.spectral_settings[adapter]
+            delta = settings.mode == "delta"
+            path = autotune.choose(
+                space, settings.mode, tokens, x.device, x.dtype, coefficient_grad=coefficient_grad, input_grad=input_grad,
+                base_weight=self.get_base_layer().weight if delta else None, scaling=settings.scaling if delta else 1.0,
+                fan_in_fan_out=self.fan_in_fan_out, compiling=compiling,
             )
             if len(self._path_memo) > 64:
                 self._path_memo.clear()
@@ -435,6 +451,53 @@ class SpectralLinear(nn.Module, SpectralLayer):
             out.index_copy_(0, index, y)
         object.__setattr__(self, "last_compute_path", "mixed")
         return out
+
+    # ----------------------------------------------------------------------------------------------
+    # batched rebuilds (rebuild_groups.py): the merged weight of the next training forward, built ahead
+    # together with the same-shape layers of the model
+
+    def prebuild_request(self) -> Optional[tuple]:
+        """(adapter, space, coefficients, base weight or None, scaling, compute dtype) if the next training forward
+        will rebuild a merged weight (the ``dense`` or ``sampled`` path, as the last one did), else None."""
+        if self._disable_adapters or self.merged or self.quantization_backend is not None or not self.training:
+            return None
+        path = self.compute_path if self.compute_path != "auto" else self.last_compute_path
+        active = [a for a in self.active_adapters if a in self.spectral_coefficients]
+        if path not in ("dense", "sampled") or len(active) != 1:
+            return None
+        adapter = active[0]
+        values, settings = self.spectral_coefficients[adapter], self.spectral_settings[adapter]
+        weight = self.get_base_layer().weight
+        space = self.coefficient_space(adapter)
+        # sharded (FSDP2 DTensors, ZeRO-3 partitions) or released tensors are whole only inside the layer's forward
+        if not values.requires_grad or values.numel() != space.k or _is_dtensor(values):
+            return None
+        if settings.mode == "delta" and (weight is None or weight.numel() != space.m * space.n or _is_dtensor(weight)):
+            return None
+        device_type = values.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.model_dtype()
+        base = transpose(weight, self.fan_in_fan_out) if settings.mode == "delta" else None
+        return adapter, space, values, base, settings.scaling if settings.mode == "delta" else 1.0, dtype
+
+    def set_prebuilt(self, adapter: str, weight: torch.Tensor) -> None:
+        base = self.get_base_layer().weight
+        versions = (self.spectral_coefficients[adapter]._version, None if base is None else base._version)
+        self._prebuilt = (adapter, weight, versions)
+
+    def drop_prebuilt(self) -> None:
+        self._prebuilt = None
+
+    def _take_prebuilt(self, adapter: str, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+        """The weight built ahead for this forward, if it still is what this forward would build (then dropped)."""
+        prebuilt, self._prebuilt = self._prebuilt, None
+        if prebuilt is None or prebuilt[0] != adapter:
+            return None
+        weight = prebuilt[1]
+        base = self.get_base_layer().weight
+        versions = (self.spectral_coefficients[adapter]._version, None if base is None else base._version)
+        if versions != prebuilt[2] or weight.dtype != dtype or weight.device != device:
+            return None
+        return weight
 
     def _forward_matches_cache(self, active: list[str], tokens: int, x: torch.Tensor) -> bool:
         """In training mode without gradients: does the path a gradient pass takes compute its output with the
@@ -505,6 +568,7 @@ class SpectralLinear(nn.Module, SpectralLayer):
             space = self.coefficient_space(adapter)
             path = self._choose_path(adapter, space, tokens, x, choose_grad)
             object.__setattr__(self, "last_compute_path", path)
+            prebuilt = self._take_prebuilt(adapter, dtype, x.device) if self._prebuilt is not None else None
             return dispatch.run_path(
                 path,
                 x,
@@ -514,4 +578,5 @@ class SpectralLinear(nn.Module, SpectralLayer):
                 bias=bias,
                 scaling=settings.scaling if settings.mode == "delta" else 1.0,
                 fan_in_fan_out=self.fan_in_fan_out,
+                merged_weight=prebuilt if path in ("dense", "sampled") else None,
             )

@@ -24,7 +24,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized
+from . import quantized, rebuild_groups
 from ._peft_registry import PEFT_KEY_PREFIX, PREFIX
 from .config import SpectralConfig
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
@@ -161,6 +161,8 @@ class SpectralModel(BaseTuner):
             for _, layer in spectral_layers(model):
                 if adapter_name in layer.spectral_settings and layer.get_base_layer().weight is not None:
                     layer.release_base_weight()
+        if getattr(self, "_rebuild_hooks", None) is None:  # training forwards rebuild same-shape layers together
+            self._rebuild_hooks = rebuild_groups.install(model)
 
     # ----------------------------------------------------------------------------------------------
     # what trains and what is saved
@@ -398,9 +400,13 @@ class SpectralModel(BaseTuner):
                 f"Cannot unload replace-mode spectral adapter(s) {replace} without merging them: they hold the "
                 "model's weights. Use merge_and_unload(), which writes the rebuilt dense weights back."
             )
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        for handle in getattr(self, "_rebuild_hooks", None) or ():  # a plain model again, without our hooks
+            handle.remove()
+        self._rebuild_hooks = None
+        return model
 
 
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):

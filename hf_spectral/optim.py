@@ -25,7 +25,9 @@ With K = mn this is AdamW on W, step for step.
 ``moments="coefficient"``: plain AdamW on S (the baseline), for comparisons in one code path.
 
 Costs per spectral layer and step: two inverse transforms (the gradient and the first moment)
-and one forward transform. Every layout (block and scattered) and both bases are supported.
+and one forward transform. Layers whose coefficient spaces share a shape (all q_proj layers, ...)
+step together, each map one batched transform over an L x m x n tensor, and the rest of the step
+runs as ``torch._foreach`` operations over the bunch (plain AdamW parameters too). Every layout (block and scattered) and both bases are supported.
 Parameters that are not spectral coefficients (embeddings, norms, biases, a dense head) get
 plain AdamW from the same optimiser.
 
@@ -48,11 +50,14 @@ AdamW on the coefficients divided by about sqrt(mn / K) / 2.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .coefficient_space import group_from_matrix, group_key, group_to_matrix
 
 try:  # FSDP2 (fully_shard) holds parameters as DTensors
     from torch.distributed.tensor import DTensor, Replicate
@@ -69,6 +74,7 @@ __all__ = [
 ]
 
 MOMENTS = ("weight", "factored", "coefficient")
+_BATCH_ELEMENTS = 1 << 24  # numbers in one batched L x m x n buffer of a step (64 MiB in float32)
 
 
 class CoefficientProjector:
@@ -86,6 +92,10 @@ class CoefficientProjector:
         self.layer = layer
         self.adapter = adapter
         self.m, self.n = layer.out_features, layer.in_features
+
+    def space(self):
+        """The layer's ``CoefficientSpace`` for this adapter, as it is now."""
+        return self.layer.coefficient_space(self.adapter)
 
     def lift(self, coefficients: torch.Tensor) -> torch.Tensor:
         return self.layer.coefficient_space(self.adapter).to_matrix(coefficients)
@@ -168,7 +178,10 @@ class SpectralAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            # Parameters that step alike go together, and each bunch steps with a few batched operations instead
+            # of a few per parameter: plain AdamW ones by dtype and device; spectral ones by coefficient space
+            # shape (all q_proj layers, ...), through one batched lift and projection (coefficient_space.group_*).
+            bunches: dict[tuple, list] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -176,55 +189,124 @@ class SpectralAdamW(torch.optim.Optimizer):
                     raise RuntimeError("SpectralAdamW does not support sparse gradients.")
                 projector = self.projectors.get(param)
                 moments = group["moments"] if projector is not None else "coefficient"
-                # Under FSDP2 a rank holds a shard of the K coefficients, and the weight-basis statistics need all
-                # of them: step the gathered tensor (the same on every rank; the state is then whole on each rank)
-                # and keep this rank's shard of the result.
-                target, grad = param, param.grad
-                if moments != "coefficient" and DTensor is not None and isinstance(param, DTensor):
-                    target, grad = param.full_tensor(), grad.full_tensor()
                 state = self.state[param]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
-                    if moments == "weight":
-                        state["exp_avg_sq"] = target.new_zeros(projector.m, projector.n)
-                    elif moments == "factored":
-                        state["exp_avg_sq_row"] = target.new_zeros(projector.m)
-                        state["exp_avg_sq_col"] = target.new_zeros(projector.n)
-                    else:
-                        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    self._init_state(param, state, projector, moments)
                 state["step"] += 1
                 step = float(state["step"])
-                if wd != 0.0:
-                    target.mul_(1.0 - lr * wd)
-                exp_avg = state["exp_avg"]
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                correction1 = 1.0 - beta1**step
-                correction2 = 1.0 - beta2**step
                 if moments == "coefficient":
-                    exp_avg_sq = state["exp_avg_sq"]
-                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                    denom = (exp_avg_sq / correction2).sqrt_().add_(eps)
-                    param.addcdiv_(exp_avg, denom, value=-lr / correction1)
-                    continue
-                lifted_grad = projector.lift(grad)
-                if moments == "weight":
-                    exp_avg_sq = state["exp_avg_sq"]
-                    exp_avg_sq.mul_(beta2).addcmul_(lifted_grad, lifted_grad, value=1.0 - beta2)
-                    second = exp_avg_sq / correction2
+                    key = ("coefficient", param.dtype, param.device, step)
+                elif DTensor is not None and isinstance(param, DTensor):
+                    key = ("sharded", id(param))  # FSDP2: one at a time, on the gathered tensor
                 else:
-                    squared = lifted_grad.square()
-                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                    row.lerp_(squared.mean(dim=1), 1.0 - beta2)
-                    col.lerp_(squared.mean(dim=0), 1.0 - beta2)
-                    # rank-1 estimate of the m x n second moment: r_i c_j / mean(r) (Adafactor)
-                    second = torch.outer(row, col) / (row.mean().clamp_min(1e-30) * correction2)
-                direction = projector.lift(exp_avg) / (second.sqrt_().add_(eps) * correction1)
-                target.sub_(projector.restrict(direction), alpha=lr)
-                if target is not param:  # Replicate -> the parameter's placements is a local slice, no communication
-                    whole = DTensor.from_local(target, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
-                    param.copy_(whole.redistribute(param.device_mesh, param.placements))
+                    space = projector.space()
+                    key = (moments, param.dtype, param.device, step, group_key(space, space.weight_method(param.device)))
+                bunches.setdefault(key, []).append((param, projector))
+            for key, members in bunches.items():
+                if key[0] == "coefficient":
+                    self._adamw_step(group, [p for p, _ in members], key[3])
+                elif key[0] == "sharded":
+                    self._sharded_step(group, *members[0], group["moments"])
+                else:
+                    # a few L x m x n buffers per bunch: at most _BATCH_ELEMENTS numbers each
+                    per_chunk = max(1, _BATCH_ELEMENTS // (members[0][1].m * members[0][1].n))
+                    for start in range(0, len(members), per_chunk):
+                        self._spectral_step(group, members[start : start + per_chunk], key[0], key[3], key[4][-1])
         return loss
+
+    def _init_state(self, param, state, projector, moments) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        if moments == "coefficient":
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            return
+        # the weight-basis statistics are whole tensors, also under FSDP2 (see _sharded_step)
+        local = param.to_local() if DTensor is not None and isinstance(param, DTensor) else param
+        zeros = functools.partial(torch.zeros, dtype=param.dtype, device=local.device)
+        state["exp_avg"] = zeros(param.shape)
+        if moments == "weight":
+            state["exp_avg_sq"] = zeros(projector.m, projector.n)
+        else:
+            state["exp_avg_sq_row"] = zeros(projector.m)
+            state["exp_avg_sq_col"] = zeros(projector.n)
+
+    def _adamw_step(self, group, params, step: float) -> None:
+        """Plain AdamW on a bunch of tensors (the coefficients themselves, or parameters that are not spectral)."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_div(exp_avg_sqs, 1.0 - beta2**step)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / (1.0 - beta1**step))
+
+    def _spectral_step(self, group, members, moments: str, step: float, method: str) -> None:
+        """One step of several spectral coefficient tensors whose spaces share one shape: batched lifts and
+        projections (an L x m x n tensor per map)."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        params = [p for p, _ in members]
+        spaces = [projector.space() for _, projector in members]
+        grads = [p.grad for p in params]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        correction1, correction2 = 1.0 - beta1**step, 1.0 - beta2**step
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        lifted = group_to_matrix(spaces, grads, method)  # L x m x n
+        if moments == "weight":
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            lifted_each = list(lifted.unbind(0))
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, lifted_each, lifted_each, value=1.0 - beta2)
+            denom = torch.stack(exp_avg_sqs).div_(correction2)
+        else:
+            squared = lifted.square_()
+            rows = [self.state[p]["exp_avg_sq_row"] for p in params]
+            cols = [self.state[p]["exp_avg_sq_col"] for p in params]
+            torch._foreach_lerp_(rows, list(squared.mean(dim=2).unbind(0)), 1.0 - beta2)
+            torch._foreach_lerp_(cols, list(squared.mean(dim=1).unbind(0)), 1.0 - beta2)
+            row, col = torch.stack(rows), torch.stack(cols)
+            # rank-1 estimate of each m x n second moment: r_i c_j / mean(r) (Adafactor)
+            denom = row[:, :, None] * col[:, None, :] / (row.mean(dim=1).clamp_min(1e-30)[:, None, None] * correction2)
+        del lifted
+        direction = group_to_matrix(spaces, exp_avgs, method).div_(denom.sqrt_().add_(eps))
+        torch._foreach_add_(params, group_from_matrix(spaces, direction, method), alpha=-lr / correction1)
+
+    def _sharded_step(self, group, param, projector, moments: str) -> None:
+        """FSDP2: a rank holds a shard of the K coefficients, and the weight-basis statistics need all of them:
+        step the gathered tensor (the same on every rank; the state is then whole on each rank) and keep this
+        rank's shard of the result."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[param]
+        target, grad = param.full_tensor(), param.grad.full_tensor()
+        step = float(state["step"])
+        if wd != 0.0:
+            target.mul_(1.0 - lr * wd)
+        exp_avg = state["exp_avg"]
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        correction1, correction2 = 1.0 - beta1**step, 1.0 - beta2**step
+        lifted_grad = projector.lift(grad)
+        if moments == "weight":
+            exp_avg_sq = state["exp_avg_sq"]
+            exp_avg_sq.mul_(beta2).addcmul_(lifted_grad, lifted_grad, value=1.0 - beta2)
+            second = exp_avg_sq / correction2
+        else:
+            squared = lifted_grad.square()
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.lerp_(squared.mean(dim=1), 1.0 - beta2)
+            col.lerp_(squared.mean(dim=0), 1.0 - beta2)
+            second = torch.outer(row, col) / (row.mean().clamp_min(1e-30) * correction2)
+        direction = projector.lift(exp_avg) / (second.sqrt_().add_(eps) * correction1)
+        target.sub_(projector.restrict(direction), alpha=lr)
+        # Replicate -> the parameter's placements is a local slice, no communication
+        whole = DTensor.from_local(target, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
+        param.copy_(whole.redistribute(param.device_mesh, param.placements))
 
 
 def _decay_parameter_names(model: nn.Module) -> set[str]:

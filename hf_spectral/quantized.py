@@ -41,7 +41,7 @@ from peft.utils.quantization_utils import (
 )
 from torch import nn
 
-from .compute import cost_model, dispatch
+from .compute import autotune, dispatch
 from .compute.functions import transform_dtype
 from .layouts import DATA_DEPENDENT_LAYOUTS
 
@@ -146,16 +146,17 @@ def init_weight(layer, config, module_key: str) -> Optional[torch.Tensor]:
 
 
 def _choose_path(layer, adapter: str, space, tokens: int, x: torch.Tensor, coefficient_grad: bool, input_grad: bool) -> str:
-    """The path for the update ``s * x dW^T`` alone: the cost model's replace-mode choice (no W0 term)."""
+    """The path for the update ``s * x dW^T`` alone: ``auto``'s replace-mode choice (no W0 term)."""
     if layer.compute_path != "auto":
         # 'separate' is what a quantized base does anyway (base forward, then the update by one matmul)
         return "dense" if layer.compute_path == "separate" else layer.compute_path
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    key = ("quantized", adapter, tokens, x.device.type, coefficient_grad, input_grad, half)
+    compiling = torch.compiler.is_compiling()
+    key = ("quantized", adapter, tokens, x.device.type, x.dtype, coefficient_grad, input_grad, compiling)
     path = layer._path_memo.get(key)
     if path is None:
-        path = cost_model.choose_path(
-            space, "replace", tokens, x.device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half
+        path = autotune.choose(
+            space, "replace", tokens, x.device, x.dtype, coefficient_grad=coefficient_grad, input_grad=input_grad,
+            scaling=layer.spectral_settings[adapter].scaling, compiling=compiling,
         )
         if len(layer._path_memo) > 64:
             layer._path_memo.clear()
@@ -181,7 +182,7 @@ def forward(layer, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch
             coefficient_grad = grad and values.requires_grad
             values = values.to(transform_dtype(values.dtype))
             space = layer.coefficient_space(adapter)
-            path = _choose_path(layer, adapter, space, tokens, x, coefficient_grad, grad and x.requires_grad)
+            path = _choose_path(layer, adapter, space, tokens, x, coefficient_grad, layer.training or (grad and x.requires_grad))
             update = dispatch.run_path(
                 path, x, values, space, base_weight=None, bias=None, scaling=layer.spectral_settings[adapter].scaling
             )

@@ -1,5 +1,6 @@
 """How a spectral layer computes: exact compute paths (``dispatch``), their autograd pieces
-(``functions``), and the cost model that picks the cheapest (``cost_model``)."""
+(``functions``), the cost model that ranks them (``cost_model``) and the measured choice ``auto``
+makes on this machine (``autotune``)."""
 
 from .cost_model import DEVICE_COSTS, DeviceCosts, choose_path, estimate_costs
 from .dispatch import PATHS, available_paths, run_path

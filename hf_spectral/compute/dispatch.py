@@ -64,10 +64,12 @@ def run_path(
     bias: Optional[torch.Tensor],
     scaling: float,
     fan_in_fan_out: bool = False,
+    merged_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``y = x W^T + b`` by one path. ``base_weight`` is W0 (delta mode, in its stored layout) or None.
 
-    ``x`` is already in the compute dtype; autocast must be off (the layer sees to both).
+    ``x`` is already in the compute dtype; autocast must be off (the layer sees to both). ``merged_weight``:
+    the ``dense`` and ``sampled`` paths' W (out x in, in x's dtype), when a batched rebuild built it already.
     """
     mode = "replace" if base_weight is None else "delta"
     if path not in available_paths(space, mode):
@@ -82,7 +84,9 @@ def run_path(
         shape = x.shape
         x_2d = x.reshape(-1, shape[-1])
         weight_method = space.weight_method(x.device)
-        y = MergedLinear.apply(x_2d, values, base_weight, bias, space, scaling, fan_in_fan_out, path, weight_method)
+        y = MergedLinear.apply(
+            x_2d, values, base_weight, bias, space, scaling, fan_in_fan_out, path, weight_method, merged_weight
+        )
         return y.view(*shape[:-1], space.m)
     if path == "separate":
         delta = matrix(space, values) * scaling

@@ -88,20 +88,25 @@ class SparseProduct(torch.autograd.Function):
 class MergedLinear(torch.autograd.Function):
     """One matmul with the rebuilt weight (merged into the base weight in delta mode).
 
-    Forward: ``W = W0 + s * rebuild(values)`` (or ``rebuild(values)``), ``y = x W^T + b``. Keeps x and W.
+    Forward: ``W = W0 + s * rebuild(values)`` (or ``rebuild(values)``, or W as a batched rebuild built it),
+    ``y = x W^T + b``. Keeps x and W.
     Backward: ``g W`` for x; for the coefficients either the adjoint of ``g^T x`` (``dense``) or the
     K sampled entries of ``DCT_m(g)^T DCT_n(x)`` (``sampled``).
     """
 
     @staticmethod
-    def forward(ctx, x, values, base_weight, bias, space, scaling, fan_in_fan_out, grad_method, weight_method):
-        with torch.no_grad():
-            weight = space.to_matrix(values.detach(), weight_method)
-            if scaling != 1.0:
-                weight.mul_(scaling)
-            if base_weight is not None:
-                weight.add_(orient(base_weight, fan_in_fan_out))
-            weight = weight.to(x.dtype)
+    def forward(ctx, x, values, base_weight, bias, space, scaling, fan_in_fan_out, grad_method, weight_method,
+                merged_weight=None):
+        if merged_weight is not None:  # built ahead by a batched rebuild (the same numbers)
+            weight = merged_weight
+        else:
+            with torch.no_grad():
+                weight = space.to_matrix(values.detach(), weight_method)
+                if scaling != 1.0:
+                    weight.mul_(scaling)
+                if base_weight is not None:
+                    weight.add_(orient(base_weight, fan_in_fan_out))
+                weight = weight.to(x.dtype)
         ctx.space, ctx.scaling, ctx.fan_in_fan_out = space, scaling, fan_in_fan_out
         ctx.grad_method, ctx.weight_method = grad_method, weight_method
         ctx.transform_dtype = values.dtype
@@ -126,7 +131,7 @@ class MergedLinear(torch.autograd.Function):
             grad_base = orient(grad_2d.T @ x_2d, ctx.fan_in_fan_out)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_2d.sum(0)
-        return grad_x, grad_values, grad_base, grad_bias, None, None, None, None, None
+        return grad_x, grad_values, grad_base, grad_bias, None, None, None, None, None, None
 
 
 def sampled_chunk(space, tokens: int) -> int:
