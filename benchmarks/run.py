@@ -4,6 +4,7 @@
     python -m benchmarks.run --device cuda --dtype bf16
     python -m benchmarks.run --shapes 768x768 --tokens 4096 --suite layers --repeats 5
     python -m benchmarks.run --suite models
+    python -m benchmarks.run --suite models --models smollm2 --smollm2-tokens 128 512 2048
 
 Every repeat runs every case once, in a rotated order (see ``common.time_interleaved``): on a shared
 machine, slow phases hit all cases alike, and ratios come from medians measured in the same run.
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--all-paths", action="store_true", help="also time every forced compute path")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--finetune-k", type=int, default=65536)
+    parser.add_argument("--models", nargs="+", choices=models.MODEL_GROUPS, default=list(models.MODEL_GROUPS),
+                        help="model-suite groups")
+    parser.add_argument("--smollm2-tokens", nargs="+", type=int, default=list(models.SMOLLM2_TOKENS))
+    parser.add_argument("--smollm2-paths", nargs="*", default=[], help="also time spectral delta with these paths forced")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default=None, help="file name stem (default: suite-device-dtype-time)")
@@ -116,7 +121,10 @@ def main(argv=None) -> dict:
                 _write(args, name, result, markdown + ["\n### Layers (so far)\n\n" + layer_markdown(result["layers"])])
         markdown.append("\n### Layers: forward + backward (eval rows: forward only, no gradients)\n\n" + layer_markdown(result["layers"]))
     if args.suite in ("models", "all"):
-        cases = models.build_model_cases(device, dtype, finetune_k=args.finetune_k)
+        cases = models.build_model_cases(
+            device, dtype, finetune_k=args.finetune_k, groups=tuple(args.models), smollm2_tokens=tuple(args.smollm2_tokens),
+            smollm2_paths=tuple(args.smollm2_paths),
+        )
         time_interleaved(cases, device, args.repeats, args.warmup, target_s=0.02 if device.type == "cuda" else 0.05)
         models.finish_model_cases(cases, device, memory=not args.no_memory)
         result["models"] = models.model_rows([c.summary() for c in cases])
