@@ -34,8 +34,10 @@ except ImportError:  # a torch without torch.distributed.tensor
     _DTensor = None
 
 
-def _is_dtensor(tensor) -> bool:
-    return _DTensor is not None and isinstance(tensor, _DTensor)
+def _is_sharded(tensor) -> bool:
+    """An FSDP2 DTensor or a DeepSpeed ZeRO-3 parameter (``ds_id``): whole only inside its module's forward, where
+    the wrapper's own hooks gather it."""
+    return (_DTensor is not None and isinstance(tensor, _DTensor)) or hasattr(tensor, "ds_id")
 
 
 @dataclass(frozen=True)
@@ -470,9 +472,9 @@ class SpectralLinear(nn.Module, SpectralLayer):
         weight = self.get_base_layer().weight
         space = self.coefficient_space(adapter)
         # sharded (FSDP2 DTensors, ZeRO-3 partitions) or released tensors are whole only inside the layer's forward
-        if not values.requires_grad or values.numel() != space.k or _is_dtensor(values):
+        if not values.requires_grad or values.numel() != space.k or _is_sharded(values):
             return None
-        if settings.mode == "delta" and (weight is None or weight.numel() != space.m * space.n or _is_dtensor(weight)):
+        if settings.mode == "delta" and (weight is None or weight.numel() != space.m * space.n or _is_sharded(weight)):
             return None
         device_type = values.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.model_dtype()

@@ -36,6 +36,9 @@ def install(model: nn.Module) -> tuple:
 
 
 def _before_forward(module: nn.Module, args) -> None:
+    first = next(module.parameters(), None)
+    if first is not None and hasattr(first, "ds_id"):  # DeepSpeed ZeRO-3 gathers parameters module by module
+        return
     if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _checkpointing(module):
         layers = [m for m in module.modules() if hasattr(m, "prebuild_request")]
         module.__dict__["_spectral_prebuilt"] = prebuild(layers)

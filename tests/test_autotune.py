@@ -139,7 +139,8 @@ def test_auto_is_within_ten_percent_of_the_fastest_forced_path(fresh_cache, mode
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(n, m)), SpectralConfig(target_modules=["0"], **config))
     layer = next(layer for _, layer in hf_spectral.spectral_layers(model))
-    x = torch.randn(tokens, n)
+    # an inner layer's input needs its gradient (in training the choice is made for that case, see layer.py)
+    x = torch.randn(tokens, n, requires_grad=True)
     model(x).sum().backward()
     chosen = layer.last_compute_path
     paths = [p for p in hf_spectral.compute.available_paths(layer.coefficient_space("default"), mode) if p != "separate"]

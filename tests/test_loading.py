@@ -266,14 +266,15 @@ def test_every_entry_point_loads_a_good_adapter_to_the_same_logits(tmp_path, mod
 
 
 @pytest.mark.parametrize("layout", ["random", "lowfreq"])
-def test_reentrant_gradient_checkpointing_gives_the_same_gradients(layout):
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(layout, reentrant):
     def gradients(checkpointing: bool):
         model = get_peft_model(
             llama(), SpectralConfig(n_coefficients=300, layout=layout, init_weights=False, target_modules=TARGETS)
         )
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         model(input_ids=IDS, labels=IDS).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

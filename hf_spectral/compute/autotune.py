@@ -11,7 +11,8 @@ result; it is kept for the process and on disk per machine (device name, torch v
 so a later run on the same machine starts with it.
 
 The cost model still decides where timing cannot run or is not wanted: under ``torch.compile`` (no
-timing inside a trace), and with ``HF_SPECTRAL_AUTOTUNE=0`` or :func:`set_path_tuning` ``(False)``
+timing inside a trace), in a job of several processes (``torch.distributed`` initialised: every rank must take
+the same path, and timings differ between ranks), and with ``HF_SPECTRAL_AUTOTUNE=0`` or :func:`set_path_tuning` ``(False)``
 (reproducible choices, e.g. in tests). Every path is exact, so a choice costs time, never accuracy.
 
 The disk cache is ``$HF_SPECTRAL_CACHE/compute_paths.json`` (default ``~/.cache/hf_spectral``); delete
@@ -89,7 +90,7 @@ def choose(
     """The path ``auto`` takes for one layer: measured (see the module doc) or, where timing cannot run,
     the cost model's."""
     half = dtype in (torch.bfloat16, torch.float16)
-    if compiling or not path_tuning_enabled():
+    if compiling or not path_tuning_enabled() or _distributed():
         return cost_model.choose_path(
             space, mode, tokens, device.type, coefficient_grad=coefficient_grad, input_grad=input_grad, half=half,
             sparse=not compiling,
@@ -108,6 +109,13 @@ def choose(
         _memory[key] = path
         _save_disk(key, path)
     return path
+
+
+def _distributed() -> bool:
+    """Several processes train together: each would time on its own and could choose another path, and DDP's and
+    DeepSpeed's gradient buckets need every rank to produce the same gradients in the same order. The cost model
+    gives every rank the same choice."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 # -- what is timed --------------------------------------------------------------------------------------
@@ -172,8 +180,10 @@ def _time_paths(candidates, space, mode, tokens, device, dtype, coefficient_grad
         if backward:
             torch.autograd.backward(y, grad_out)
 
-    # inside a layer's forward: under no_grad / inference_mode (gradient checkpointing's first pass, evaluation)
-    with torch.inference_mode(False), torch.enable_grad():
+    # Inside a layer's forward: under no_grad / inference_mode (reentrant checkpointing's first pass, evaluation),
+    # or under non-reentrant checkpointing's saved-tensor hooks, which must not see these throwaway tensors (the
+    # recomputation, which does not time, would then save other tensors than the first pass): identity hooks on top.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         for path in candidates:  # warm-up: sparse patterns, FFT plans, allocator
             run(path)
         times = {path: math.inf for path in candidates}
@@ -186,6 +196,10 @@ def _time_paths(candidates, space, mode, tokens, device, dtype, coefficient_grad
                 _synchronize(device)
                 times[path] = min(times[path], time.perf_counter() - start)
     return times
+
+
+def _keep(tensor):
+    return tensor
 
 
 def _synchronize(device: torch.device) -> None:
