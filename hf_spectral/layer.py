@@ -79,6 +79,7 @@ class SpectralLayer(BaseTunerLayer):
         self._spaces: dict[str, CoefficientSpace] = {}
         # a merged weight built ahead by a batched rebuild of same-shape layers (rebuild_groups.py), used once
         self._prebuilt: Optional[tuple] = None
+        self.rebuild_group = None  # the batched rebuild this layer waits on in the current training forward
         self._path_memo: dict[tuple, str] = {}
         self.kwargs = kwargs
 
@@ -460,12 +461,11 @@ class SpectralLinear(nn.Module, SpectralLayer):
 
     def prebuild_request(self) -> Optional[tuple]:
         """(adapter, space, coefficients, base weight or None, scaling, compute dtype) if the next training forward
-        will rebuild a merged weight (the ``dense`` or ``sampled`` path, as the last one did), else None."""
+        may rebuild a merged weight (``auto``, ``dense`` or ``sampled``: the path is chosen in the forward), else None."""
         if self._disable_adapters or self.merged or self.quantization_backend is not None or not self.training:
             return None
-        path = self.compute_path if self.compute_path != "auto" else self.last_compute_path
         active = [a for a in self.active_adapters if a in self.spectral_coefficients]
-        if path not in ("dense", "sampled") or len(active) != 1:
+        if self.compute_path not in ("auto", "dense", "sampled") or len(active) != 1:
             return None
         adapter = active[0]
         values, settings = self.spectral_coefficients[adapter], self.spectral_settings[adapter]
@@ -570,7 +570,13 @@ class SpectralLinear(nn.Module, SpectralLayer):
             space = self.coefficient_space(adapter)
             path = self._choose_path(adapter, space, tokens, x, choose_grad)
             object.__setattr__(self, "last_compute_path", path)
-            prebuilt = self._take_prebuilt(adapter, dtype, x.device) if self._prebuilt is not None else None
+            prebuilt = None
+            if self.rebuild_group is not None or self._prebuilt is not None:  # a batched rebuild is on (rebuild_groups.py)
+                if path in ("dense", "sampled"):
+                    if self._prebuilt is None:
+                        self.rebuild_group.build()  # the first of its group to need a weight: all of theirs at once
+                    prebuilt = self._take_prebuilt(adapter, dtype, x.device)
+                self.rebuild_group = self._prebuilt = None
             return dispatch.run_path(
                 path,
                 x,
@@ -580,5 +586,5 @@ class SpectralLinear(nn.Module, SpectralLayer):
                 bias=bias,
                 scaling=settings.scaling if settings.mode == "delta" else 1.0,
                 fan_in_fan_out=self.fan_in_fan_out,
-                merged_weight=prebuilt if path in ("dense", "sampled") else None,
+                merged_weight=prebuilt,
             )

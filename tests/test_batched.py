@@ -158,7 +158,7 @@ def test_batched_rebuild_gives_the_outputs_and_gradients_of_the_per_layer_rebuil
     outputs = {}
     for name, model in (("batched", batched), ("single", single)):
         if name == "single":
-            monkeypatch.setattr(rebuild_groups, "prebuild", lambda layers: [])
+            monkeypatch.setattr(rebuild_groups, "plan", lambda layers: [])
         model.train()
         out = model(x)
         out.square().sum().backward()
@@ -173,8 +173,8 @@ def test_batched_rebuild_gives_the_outputs_and_gradients_of_the_per_layer_rebuil
 def test_no_batched_rebuild_where_it_would_not_be_used(monkeypatch):
     model = _stack("delta", "random", "dense")
     calls = []
-    real = rebuild_groups.prebuild
-    monkeypatch.setattr(rebuild_groups, "prebuild", lambda layers: calls.append(1) or real(layers))
+    real = rebuild_groups.plan
+    monkeypatch.setattr(rebuild_groups, "plan", lambda layers: calls.append(1) or real(layers))
     x = torch.randn(4, 48, dtype=torch.float64)
     model.eval()
     model(x)  # evaluation: the weight cache
@@ -185,7 +185,38 @@ def test_no_batched_rebuild_where_it_would_not_be_used(monkeypatch):
     hf_spectral.set_compute_path(model, "spectral")  # never builds the weight: asked, but nothing to build
     model(x).sum().backward()
     assert calls == [1] and all(layer._prebuilt is None for _, layer in hf_spectral.spectral_layers(model))
+    assert all(layer.rebuild_group is None for _, layer in hf_spectral.spectral_layers(model))
     assert rebuild_groups.prebuild(layer for _, layer in hf_spectral.spectral_layers(model)) == []
+
+
+def test_a_group_is_built_only_when_its_first_layer_takes_a_path_that_reads_the_weight(monkeypatch):
+    """The path is chosen per forward (here: long inputs dense, short ones spectral, as measured choices can go):
+    a short step after a long one builds nothing, a long one after a short one builds the group."""
+    from hf_spectral.compute import autotune
+
+    monkeypatch.setattr(autotune, "choose", lambda space, mode, tokens, *a, **k: "dense" if tokens >= 16 else "spectral")
+    builds = []
+    real_build = rebuild_groups.Group.build
+    monkeypatch.setattr(rebuild_groups.Group, "build", lambda self: builds.append(len(self.waiting())) or real_build(self))
+    batched, single = _stack("delta", "random", "auto"), _stack("delta", "random", "auto")
+    for hook in single.base_model._rebuild_hooks:  # the reference: every layer rebuilds its own weight
+        hook.remove()
+    for tokens, expected in ((32, [3]), (4, []), (4, []), (32, [3])):
+        builds.clear()
+        x = torch.randn(tokens, 48, dtype=torch.float64)
+        results = []
+        for model in (batched, single):
+            model.train()
+            out = model(x)
+            out.square().sum().backward()
+            results.append([out] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+            model.zero_grad()
+        assert builds == expected, tokens
+        paths = [layer.last_compute_path for _, layer in hf_spectral.spectral_layers(batched)]
+        assert paths == ["dense" if tokens >= 16 else "spectral"] * 4
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert all(layer._prebuilt is None and layer.rebuild_group is None for _, layer in hf_spectral.spectral_layers(batched))
 
 
 def test_a_weight_built_ahead_is_not_used_once_its_coefficients_changed():

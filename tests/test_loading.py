@@ -273,6 +273,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(layout, reentrant):
             llama(), SpectralConfig(n_coefficients=300, layout=layout, init_weights=False, target_modules=TARGETS)
         )
         model.train()
+        for hook in model.base_model._rebuild_hooks:  # checkpointing turns the batched rebuild off (its numbers
+            hook.remove()  # differ in the last bits): compare against per-layer rebuilds
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
