@@ -89,7 +89,7 @@ class Group:
                 if delta:
                     torch._foreach_add_(list(weights.unbind(0)), [m[4] for m in chunk])
                 weights = weights.to(dtype)
-                for (layer, adapter, *_), weight in zip(chunk, weights.unbind(0)):
+                for (layer, adapter, *_), weight in zip(chunk, weights.unbind(0), strict=True):
                     layer.set_prebuilt(adapter, weight)
                     layer.rebuild_group = None
                     built.append(layer)

@@ -214,7 +214,7 @@ def test_a_group_is_built_only_when_its_first_layer_takes_a_path_that_reads_the_
         assert builds == expected, tokens
         paths = [layer.last_compute_path for _, layer in hf_spectral.spectral_layers(batched)]
         assert paths == ["dense" if tokens >= 16 else "spectral"] * 4
-        for a, b in zip(*results):
+        for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert all(layer._prebuilt is None and layer.rebuild_group is None for _, layer in hf_spectral.spectral_layers(batched))
 
