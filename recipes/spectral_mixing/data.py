@@ -1,6 +1,7 @@
 """Character-level data for the mixing recipe: tiny Shakespeare (nanoGPT's split), a local file, or WikiText-2.
 
-- default: ``../shared/data/tinyshakespeare/input.txt`` beside the repository (the copy this project keeps);
+- default: tiny Shakespeare as the char recipe finds it (``recipes/shakespeare_char/prepare.read_text``: the shared
+  copy ``../shared/data/tinyshakespeare/input.txt`` if there is one, else the copy shipped with that recipe);
 - ``--input PATH``: any UTF-8 text file, split the same way;
 - ``--dataset wikitext2``: the Hub dataset ``Salesforce/wikitext`` (``wikitext-2-raw-v1``) through
   ``datasets.load_dataset`` (needs internet), its own train and validation splits.
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from recipes.shakespeare_char.prepare import read_text
+
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 TRAIN_SHARE = 0.9
 
@@ -59,14 +60,17 @@ def load(input_path: str | None = None, dataset: str = "shakespeare") -> CharDat
         return CharData(_encode(train_text, chars), _encode(val_text, chars), chars, "/".join(WIKITEXT))
     if dataset != "shakespeare":
         raise ValueError(f"dataset={dataset!r} is not known: use 'shakespeare' (the default, or --input PATH) or 'wikitext2'")
-    path = Path(input_path) if input_path else SHAKESPEARE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a file: pass --input PATH/input.txt (tiny Shakespeare, "
-            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)"
-        )
-    text = path.read_text(encoding="utf-8")
+    if input_path:
+        path = Path(input_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a file: pass --input PATH/input.txt (tiny Shakespeare, "
+                "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)"
+            )
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        text, source = read_text(None)
     chars = "".join(sorted(set(text)))
     ids = _encode(text, chars)
     split = int(TRAIN_SHARE * len(ids))
-    return CharData(ids[:split], ids[split:], chars, str(path))
+    return CharData(ids[:split], ids[split:], chars, source)
