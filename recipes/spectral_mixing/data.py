@@ -60,16 +60,12 @@ def load(input_path: str | None = None, dataset: str = "shakespeare") -> CharDat
         return CharData(_encode(train_text, chars), _encode(val_text, chars), chars, "/".join(WIKITEXT))
     if dataset != "shakespeare":
         raise ValueError(f"dataset={dataset!r} is not known: use 'shakespeare' (the default, or --input PATH) or 'wikitext2'")
-    if input_path:
-        path = Path(input_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a file: pass --input PATH/input.txt (tiny Shakespeare, "
-                "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)"
-            )
-        text, source = path.read_text(encoding="utf-8"), str(path)
-    else:
-        text, source = read_text(None)
+    if input_path and not Path(input_path).is_file():
+        raise FileNotFoundError(
+            f"{input_path} is not a file: pass --input PATH/input.txt (tiny Shakespeare, "
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)"
+        )
+    text, source = read_text(input_path)  # --input, else the shared copy, else the one shipped with the char recipe
     chars = "".join(sorted(set(text)))
     ids = _encode(text, chars)
     split = int(TRAIN_SHARE * len(ids))
