@@ -542,6 +542,11 @@ def main(argv=None) -> None:
             f"{result['arm']} seed {result['seed']}: val loss {result['final_val_loss']:.4f} after "
             f"{result['tokens']:,} tokens in {result['wall_seconds']:.0f} s"
         )
+    # Under torchrun / accelerate launch the Trainer's gloo group would otherwise be torn down at interpreter exit,
+    # where its worker threads can abort the process ("terminate called without an active exception", exit -6)
+    # after a run that finished. Only after success: a rank that failed must not wait for the others here.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
