@@ -28,7 +28,9 @@ _LAZY_NAMES = {
     "SpectralLinear": ".layer",
     "SpectralModel": ".model",
     "set_compute_path": ".model",
-    "set_path_tuning": ".compute.autotune",
+    "set_path_tuning": ".model",
+    "tune_compute_paths": ".model",
+    "describe_compute_paths": ".model",
     "set_weight_cache": ".model",
     "spectral_layers": ".model",
 }
@@ -45,11 +47,13 @@ __all__ = [
     "__version__",
     "bases",
     "dct",
+    "describe_compute_paths",
     "layouts",
     "set_compute_path",
     "set_path_tuning",
     "set_weight_cache",
     "spectral_layers",
+    "tune_compute_paths",
 ]
 
 _registration = "not yet"  # -> "running" -> "done"
