@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import quantized, rebuild_groups
+from ._peft_registry import BufferDict
 from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
 from .compute import cost_model, dispatch
 from .compute.autotune import token_bucket

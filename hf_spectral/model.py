@@ -12,27 +12,33 @@ import functools
 import warnings
 
 import torch
-from peft.tuners.tuners_utils import (
-    AuxiliaryTrainingWrapper,
-    BaseTuner,
-    BaseTunerLayer,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
-    _is_key_under_prefixes,
-)
+from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import quantized, rebuild_groups
-from ._peft_registry import PEFT_KEY_PREFIX, PREFIX
+from ._peft_registry import (
+    PEFT_KEY_PREFIX,
+    PREFIX,
+    filter_state_dict_by_key_prefixes,
+    is_key_under_prefixes,
+    tuner_state_dict_key_prefixes,
+)
 from .compute import autotune
 from .config import SpectralConfig
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
 from .index_codec import decode as decode_indices
 from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 from .layouts import validate_indices
-from .loading import AdapterLoadError, encode_index_sets, fingerprints, module_shape, partial_load_allowed
+from .loading import (
+    AdapterLoadError,
+    check_before_injection,
+    encode_index_sets,
+    fingerprints,
+    module_shape,
+    partial_load_allowed,
+)
 
 __all__ = [
     "SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache", "tune_compute_paths", "describe_compute_paths",
@@ -231,6 +237,7 @@ class SpectralModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # All or nothing: if any layer fails (a budget too large, an unsupported module), the layers already
         # made are taken out again, and replace mode releases dense weights only once every layer is built.
+        check_before_injection(model, self.peft_config[adapter_name], adapter_name)  # a load from the Hub: files first
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
             _check_layers_match_the_saved_ones(model, self.peft_config[adapter_name], adapter_name)
@@ -525,11 +532,11 @@ def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
 
 def _non_spectral_parameters(model: nn.Module):
     """(name, parameter) of every parameter outside the spectral layers' adapters and PEFT's wrappers."""
-    adapter_prefixes = _get_tuner_state_dict_key_prefixes(model)
-    adapter_names = set(_filter_state_dict_by_key_prefixes(dict(model.named_parameters()), adapter_prefixes))
+    adapter_prefixes = tuner_state_dict_key_prefixes(model)
+    adapter_names = set(filter_state_dict_by_key_prefixes(dict(model.named_parameters()), adapter_prefixes))
     wrapper_names = {n for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}
     for name, param in model.named_parameters():
-        if name in adapter_names or _is_key_under_prefixes(name, wrapper_names):
+        if name in adapter_names or is_key_under_prefixes(name, wrapper_names):
             continue
         yield name, param
 
