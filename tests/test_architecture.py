@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_spectral"
 TRANSFORM_MODULES = {"hf_spectral.dct", "hf_spectral.bases", "hf_spectral.fft_tables", "hf_spectral.triton_kernels"}
 # what builds a basis, scatters coefficients into a matrix, or chooses an index set
 MATRIX_BUILDERS = {
-    "idct2", "idct2_block", "idct2_scattered", "scatter_coefficients", "dct_basis", "basis_matrix",
-    "random_orthonormal_basis", "idct_lastdim", "select_indices", "lowfreq_block", "lowfreq_indices",
+    "dct_basis", "basis_matrix",
+    "random_orthonormal_basis", "idct_lastdim", "select_indices", "lowfreq_block",
     "random_indices", "triangle_indices", "energy_indices", "banded_indices",
 }
 
