@@ -18,8 +18,8 @@ Markers: ``slow`` (registered in pyproject.toml) marks every test that starts a 
 ``accelerate launch``, ``sys.executable``) or runs the HF Trainer or TRL's SFTTrainer. ``pytest -m "not slow"``
 runs the rest in about a minute; plain ``pytest`` runs everything.
 
-What the scripts that tests launch share with the tests lives in ``tiny_models.py`` and
-``ecosystem_utils.py`` (launching, the thread setting, token rows, per-rank results), which import without pytest.
+The scripts that tests launch (torchrun workers, training runs to kill and resume) live in ``workers/``; what
+they share with the tests lives in ``tiny_models.py`` and ``ecosystem_utils.py`` (launching, the thread setting, token rows, per-rank results), which import without pytest.
 """
 
 import warnings
