@@ -10,15 +10,16 @@ Every change this makes to PEFT's and transformers' classes is listed in ``_peft
 from __future__ import annotations
 
 import importlib
+import sys
 
 from ._peft_registry import SPECTRAL_PEFT_TYPE, install_patches, register
 from ._version import __version__
-from .coefficient_space import CoefficientSpace
-from .config import SpectralConfig
-from .ecosystem.hub import is_spectral_model, push_to_hub
-from .layer import SpectralLayer, SpectralLinear
-from .loading import guard_peft_from_pretrained, guard_peft_load_adapter, guard_transformers_load_adapter
-from .model import (
+from .io.hub import is_spectral_model, push_to_hub
+from .io.loading import guard_peft_from_pretrained, guard_peft_load_adapter, guard_transformers_load_adapter
+from .transforms.coefficient_space import CoefficientSpace
+from .tuner.config import SpectralConfig
+from .tuner.layer import SpectralLayer, SpectralLinear
+from .tuner.model import (
     SpectralModel,
     describe_compute_paths,
     set_compute_path,
@@ -32,8 +33,29 @@ register(SpectralConfig, SpectralModel)
 install_patches(push_to_hub, is_spectral_model, (guard_peft_from_pretrained, guard_peft_load_adapter,
                                                  guard_transformers_load_adapter))
 
+# Modules that moved into the subpackages keep their old import paths (``import hf_spectral.layer``,
+# ``from hf_spectral.ecosystem.hub import ...``): the same module objects under both names.
+_MOVED = {
+    "config": "tuner.config", "model": "tuner.model", "layer": "tuner.layer", "quantized": "tuner.quantized",
+    "bases": "transforms.bases", "dct": "transforms.dct", "fft_tables": "transforms.fft_tables",
+    "layouts": "transforms.layouts", "coefficient_space": "transforms.coefficient_space",
+    "index_codec": "transforms.index_codec", "stable_random": "transforms.stable_random",
+    "triton_kernels": "transforms.triton_kernels", "rebuild_groups": "compute.rebuild_groups",
+    "weight_cache": "compute.weight_cache", "loading": "io.loading", "ecosystem": "io",
+    "ecosystem.adapter_files": "io.adapter_files", "ecosystem.hub": "io.hub", "ecosystem.model_card": "io.model_card",
+    "ecosystem.checkpoints": "io.checkpoints",
+}
+for _old, _new in _MOVED.items():
+    _module = importlib.import_module(f"{__name__}.{_new}")
+    sys.modules[f"{__name__}.{_old}"] = _module
+    if "." not in _old:
+        globals()[_old] = _module
+    else:
+        setattr(sys.modules[f"{__name__}.{_old.split('.')[0]}"], _old.split(".")[1], _module)
+del _old, _new, _module
+
 # subpackages and modules reachable as attributes (``hf_spectral.optim``) without an explicit import
-_LAZY_MODULES = ("bases", "dct", "layouts", "mixing", "optim", "ecosystem", "compute", "cli")
+_LAZY_MODULES = ("mixing", "optim", "compute", "cli")
 
 __all__ = [
     "SPECTRAL_PEFT_TYPE",

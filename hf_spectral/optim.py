@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .coefficient_space import group_from_matrix, group_key, group_to_matrix
+from .transforms.coefficient_space import group_from_matrix, group_key, group_to_matrix
 
 try:  # FSDP2 (fully_shard) holds parameters as DTensors
     from torch.distributed.tensor import DTensor, Replicate
@@ -105,7 +105,7 @@ class CoefficientProjector:
 
 def spectral_projectors(model: nn.Module) -> dict[nn.Parameter, CoefficientProjector]:
     """A projector for every spectral coefficient tensor of ``model`` (a PeftModel or its base)."""
-    from .model import spectral_layers
+    from .tuner.model import spectral_layers
 
     return {
         param: CoefficientProjector(layer, adapter)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_spectral"
 # the pure transform modules, and the coefficient space that uses them
-TRANSFORM_MODULES = {"hf_spectral.dct", "hf_spectral.bases", "hf_spectral.fft_tables", "hf_spectral.triton_kernels"}
+TRANSFORM_MODULES = {"hf_spectral.transforms.dct", "hf_spectral.transforms.bases", "hf_spectral.transforms.fft_tables",
+                     "hf_spectral.transforms.triton_kernels"}
 # what builds a basis, scatters coefficients into a matrix, or chooses an index set
 MATRIX_BUILDERS = {
     "dct_basis", "basis_matrix",
@@ -83,7 +84,7 @@ def test_the_import_graph_has_no_cycle():
 def test_only_the_coefficient_space_turns_coefficients_into_matrices():
     offenders = {}
     for name, targets in _graph().items():
-        if name in TRANSFORM_MODULES or name == "hf_spectral.coefficient_space":
+        if name in TRANSFORM_MODULES or name == "hf_spectral.transforms.coefficient_space":
             continue
         used = set().union(*targets.values()) & MATRIX_BUILDERS if targets else set()
         if used:
@@ -94,10 +95,10 @@ def test_only_the_coefficient_space_turns_coefficients_into_matrices():
 def test_the_checks_see_a_real_import():
     # the two tests above would pass vacuously if the parser missed imports
     graph = _graph()
-    assert "hf_spectral.coefficient_space" in graph["hf_spectral.layer"]
-    assert "make_space" in graph["hf_spectral.layer"]["hf_spectral.coefficient_space"]
-    assert "hf_spectral.fft_tables" in graph["hf_spectral.dct"]
-    assert "hf_spectral.fft_tables" in graph["hf_spectral.triton_kernels"]
+    assert "hf_spectral.transforms.coefficient_space" in graph["hf_spectral.tuner.layer"]
+    assert "make_space" in graph["hf_spectral.tuner.layer"]["hf_spectral.transforms.coefficient_space"]
+    assert "hf_spectral.transforms.fft_tables" in graph["hf_spectral.transforms.dct"]
+    assert "hf_spectral.transforms.fft_tables" in graph["hf_spectral.transforms.triton_kernels"]
 
 
 # -- docs/architecture.md's list of imports is the code's --------------------------------------------------
@@ -168,13 +169,13 @@ def test_the_documented_imports_are_the_real_imports():
 def test_the_documented_list_sees_an_added_import(monkeypatch):
     # the comparison above would pass vacuously if either side were empty or the parser missed an import
     real = _module_graph()
-    assert "coefficient_space" in real["layer"] and len(_documented_graph()) == len(real)
+    assert "transforms.coefficient_space" in real["tuner.layer"] and len(_documented_graph()) == len(real)
     original = _modules
 
     def with_an_extra_import():
         modules = original()
-        modules["hf_spectral.stable_random"].body.append(ast.parse("from .layer import SpectralLayer").body[0])
+        modules["hf_spectral.transforms.stable_random"].body.append(ast.parse("from ..tuner import layer").body[0])
         return modules
 
     monkeypatch.setattr(__import__(__name__), "_modules", with_an_extra_import)
-    assert "layer" in _module_graph()["stable_random"] and _module_graph() != _documented_graph()
+    assert "tuner.layer" in _module_graph()["transforms.stable_random"] and _module_graph() != _documented_graph()

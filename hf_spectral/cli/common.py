@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Optional
 
-from ..ecosystem.model_card import size_in_bytes  # noqa: F401  (the one byte formatter; the commands import it here)
+from ..io.model_card import size_in_bytes  # noqa: F401  (the one byte formatter; the commands import it here)
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 

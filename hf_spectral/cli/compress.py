@@ -120,7 +120,7 @@ def relative_error(space, dense) -> float:
 
 def layer_storage(layer, adapter: str = "default") -> dict:
     """What one spectral layer holds: its index set's form on disk and the bytes in memory and on disk."""
-    from ..index_codec import encoded_bytes, encoding_of
+    from ..transforms.index_codec import encoded_bytes, encoding_of
 
     m, n = layer.out_features, layer.in_features
     values = layer.spectral_coefficients[adapter]
@@ -143,7 +143,7 @@ def layer_storage(layer, adapter: str = "default") -> dict:
 
 def weight_cache_bytes(peft_model) -> int:
     """What the evaluation-time weight cache adds: one dense out x in weight per layer, in the model's dtype."""
-    from ..model import spectral_layers
+    from ..tuner.model import spectral_layers
 
     return sum(layer.out_features * layer.in_features * layer.model_dtype().itemsize
                for _, layer in spectral_layers(peft_model))
@@ -250,9 +250,9 @@ def run(args) -> int:
     from peft import get_peft_model
 
     from .._peft_registry import PEFT_KEY_PREFIX
-    from ..config import SpectralConfig
-    from ..ecosystem.model_card import write_model_card
-    from ..model import spectral_layers
+    from ..io.model_card import write_model_card
+    from ..tuner.config import SpectralConfig
+    from ..tuner.model import spectral_layers
 
     targets = args.target_modules.split(",") if args.target_modules else None
     try:

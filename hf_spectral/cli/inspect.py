@@ -19,7 +19,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from ..ecosystem.adapter_files import CONFIG_NAME, read_adapter
+    from ..io.adapter_files import CONFIG_NAME, read_adapter
 
     check_source(args.adapter, args.revision, CONFIG_NAME, "adapter")
     summary = read_adapter(args.adapter, revision=args.revision)

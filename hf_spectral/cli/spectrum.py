@@ -35,7 +35,7 @@ def add_parser(commands) -> None:
 
 
 def _is_adapter(name: str, revision: Optional[str]) -> bool:
-    from ..ecosystem.adapter_files import CONFIG_NAME
+    from ..io.adapter_files import CONFIG_NAME
 
     if check_source(name, revision, CONFIG_NAME, "model or adapter") == "local":
         if os.path.isdir(name):
@@ -111,7 +111,7 @@ def _analyse(matrix, bins: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from ..coefficient_space import CoefficientSpace
+    from ..transforms.coefficient_space import CoefficientSpace
 
     w = matrix.to(torch.float64)
     m, n = w.shape
@@ -189,7 +189,7 @@ def run(args) -> int:
     if args.layers is not None:
         pattern = re.compile(args.layers)
     if _is_adapter(args.source, args.revision):
-        from ..ecosystem.adapter_files import layer_matrices, read_adapter
+        from ..io.adapter_files import layer_matrices, read_adapter
 
         summary = read_adapter(args.source, revision=args.revision)
         summary.layers.sort(key=lambda layer: model_order(layer.name))  # the file lists them alphabetically

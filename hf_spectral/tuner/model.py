@@ -17,21 +17,16 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized, rebuild_groups
-from ._peft_registry import (
+from .._peft_registry import (
     PEFT_KEY_PREFIX,
     PREFIX,
     filter_state_dict_by_key_prefixes,
     is_key_under_prefixes,
     tuner_state_dict_key_prefixes,
 )
-from .compute import autotune
-from .config import SpectralConfig
-from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
-from .index_codec import decode as decode_indices
-from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
-from .layouts import validate_indices
-from .loading import (
+from ..compute import autotune, rebuild_groups
+from ..io.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
+from ..io.loading import (
     AdapterLoadError,
     check_before_injection,
     encode_index_sets,
@@ -39,6 +34,11 @@ from .loading import (
     module_shape,
     partial_load_allowed,
 )
+from ..transforms.index_codec import decode as decode_indices
+from ..transforms.layouts import validate_indices
+from . import quantized
+from .config import SpectralConfig
+from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 
 __all__ = [
     "SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache", "tune_compute_paths", "describe_compute_paths",

@@ -18,14 +18,14 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized, rebuild_groups
-from ._peft_registry import BufferDict
-from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
-from .compute import cost_model, dispatch
-from .compute.autotune import token_bucket
-from .compute.functions import matrix, transform_dtype
-from .layouts import DATA_DEPENDENT_LAYOUTS
-from .weight_cache import WeightCache
+from .._peft_registry import BufferDict
+from ..compute import cost_model, dispatch, rebuild_groups
+from ..compute.autotune import token_bucket
+from ..compute.functions import matrix, transform_dtype
+from ..compute.weight_cache import WeightCache
+from ..transforms.coefficient_space import TRANSFORMS, CoefficientSpace, make_space
+from ..transforms.layouts import DATA_DEPENDENT_LAYOUTS
+from . import quantized
 
 COMPUTE_PATHS = dispatch.PATHS
 

@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .coefficient_space import group_key, group_to_matrix
-from .compute.functions import transform_dtype
+from ..transforms.coefficient_space import group_key, group_to_matrix
+from .functions import transform_dtype
 
 try:  # FSDP2 (fully_shard) holds parameters as DTensors
     from torch.distributed.tensor import DTensor as _DTensor

@@ -24,8 +24,8 @@ from typing import Optional
 
 import torch
 
+from ..compute import cost_model
 from .bases import basis_matrix
-from .compute import cost_model
 from .dct import dct2, dct_lastdim, idct_lastdim
 from .index_codec import in_memory
 from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices

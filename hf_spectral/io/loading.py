@@ -35,9 +35,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import index_codec
-from ._peft_registry import PEFT_KEY_PREFIX
-from .ecosystem.adapter_files import (
+from .._peft_registry import PEFT_KEY_PREFIX
+from ..transforms import index_codec
+from .adapter_files import (
     COEFFICIENTS_SUFFIX,
     CONFIG_NAME,
     INDICES_SUFFIX,
@@ -135,7 +135,7 @@ def module_shape(module: nn.Module) -> Optional[tuple[int, int]]:
     """(out, in) of a module a spectral layer can wrap (or of a spectral layer), else None."""
     from transformers.pytorch_utils import Conv1D
 
-    from .layer import SpectralLayer
+    from ..tuner.layer import SpectralLayer
 
     if isinstance(module, SpectralLayer):
         return module.out_features, module.in_features
@@ -143,7 +143,7 @@ def module_shape(module: nn.Module) -> Optional[tuple[int, int]]:
         return module.nf, module.nx
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    from . import quantized
+    from ..tuner import quantized
 
     if quantized.is_quantized(module):  # HQQ and others that are not nn.Linear
         in_features, out_features = quantized.features(module)
@@ -207,7 +207,7 @@ def _problem(path: str, message: str, fix: str) -> AdapterLoadError:
 def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "default") -> None:
     """Raise ``AdapterLoadError`` unless the adapter in ``folder`` can load into ``model`` as saved (see the
     module doc for the list of checks). Reads the files; changes nothing."""
-    from .coefficient_space import make_space
+    from ..transforms.coefficient_space import make_space
 
     weights, header, get_tensor = _read_weights(folder)
     shapes = {name: tuple(shape) for name, shape in (config.layer_shapes or {}).items()}
@@ -327,7 +327,7 @@ def read_config(folder: str):
         raise AdapterLoadError(f"{path} cannot be read ({error}); the adapter folder is damaged.") from None
     if str(data.get("peft_type", "")).upper() != "SPECTRAL":
         return None
-    from .config import SpectralConfig
+    from ..tuner.config import SpectralConfig
 
     try:
         return SpectralConfig.from_pretrained(folder)
@@ -433,7 +433,7 @@ def check_before_injection(model: nn.Module, config, adapter_name: str) -> None:
 def _load(call, model_id, subfolder, hub_kwargs, given, model, adapter_name, partial, snapshot_of):
     """Run a load entry point (``call``): a spectral adapter checked first and undone if it fails; any other
     adapter handed to the original untouched."""
-    from .config import SpectralConfig
+    from ..tuner.config import SpectralConfig
 
     if _IN_LOAD.get():  # an entry point called by another (from_pretrained calls load_adapter): checked already
         return call()

@@ -8,9 +8,9 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ._peft_registry import SPECTRAL_PEFT_TYPE
-from .bases import BASES
-from .layouts import LAYOUTS, check_budget, resolve_budget
+from .._peft_registry import SPECTRAL_PEFT_TYPE
+from ..transforms.bases import BASES
+from ..transforms.layouts import LAYOUTS, check_budget, resolve_budget
 
 MODES = ("delta", "replace")
 INIT_CHOICES = (True, False, "project", "random")

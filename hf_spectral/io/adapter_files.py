@@ -166,7 +166,7 @@ def read_adapter(dir_or_repo: str, revision: Optional[str] = None, token=None) -
 
 
 def _spectral_config(summary: AdapterSummary):
-    from ..config import SpectralConfig
+    from ..tuner.config import SpectralConfig
 
     return SpectralConfig.from_pretrained(summary.path)
 
@@ -180,8 +180,8 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
     """
     from safetensors import safe_open
 
-    from ..coefficient_space import make_space
-    from ..index_codec import decode
+    from ..transforms.coefficient_space import make_space
+    from ..transforms.index_codec import decode
 
     config = _spectral_config(summary)
     wanted = None if names is None else set(names)

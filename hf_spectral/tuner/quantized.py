@@ -41,9 +41,9 @@ from peft.utils.quantization_utils import (
 )
 from torch import nn
 
-from .compute import dispatch
-from .compute.functions import transform_dtype
-from .layouts import DATA_DEPENDENT_LAYOUTS
+from ..compute import dispatch
+from ..compute.functions import transform_dtype
+from ..transforms.layouts import DATA_DEPENDENT_LAYOUTS
 
 __all__ = ["resolve_backend", "is_quantized", "layer_kwargs", "features", "init_weight", "device_of", "forward", "merge", "unmerge"]
 
