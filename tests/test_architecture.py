@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_spectral"
 # the pure transform modules, and the coefficient space that uses them
 TRANSFORM_MODULES = {"hf_spectral.transforms.dct", "hf_spectral.transforms.bases", "hf_spectral.transforms.fft_tables",
@@ -179,3 +181,32 @@ def test_the_documented_list_sees_an_added_import(monkeypatch):
 
     monkeypatch.setattr(__import__(__name__), "_modules", with_an_extra_import)
     assert "tuner.layer" in _module_graph()["transforms.stable_random"] and _module_graph() != _documented_graph()
+
+
+def test_every_old_import_path_is_the_moved_module():
+    import importlib
+
+    import hf_spectral
+
+    for old, new in hf_spectral._MOVED.items():
+        assert importlib.import_module(f"hf_spectral.{old}") is importlib.import_module(f"hf_spectral.{new}"), old
+    from hf_spectral.ecosystem.hub import push_to_hub
+    from hf_spectral.layer import SpectralLayer
+
+    from hf_spectral.tuner.layer import SpectralLayer as moved
+
+    assert SpectralLayer is moved and push_to_hub is hf_spectral.io.hub.push_to_hub
+    assert hf_spectral.dct is hf_spectral.transforms.dct and hf_spectral.layouts.LAYOUTS
+
+
+@pytest.mark.slow  # starts an interpreter
+def test_an_old_import_path_works_first_thing_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    code = ("from hf_spectral.ecosystem.adapter_files import read_adapter; import hf_spectral.coefficient_space as c; "
+            "import hf_spectral.transforms.coefficient_space as t; print(c is t, read_adapter.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "hf_spectral.io.adapter_files"]

@@ -117,7 +117,7 @@ def test_plain_adamw_part_equals_torch_adamw():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
 
 
-# -- batched rebuilds in a training forward (hf_spectral/rebuild_groups.py) --------------------------------
+# -- batched rebuilds in a training forward (hf_spectral/compute/rebuild_groups.py) --------------------------------
 
 
 def _stack(mode, layout, path, fan_in_fan_out=False):

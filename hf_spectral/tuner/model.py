@@ -281,7 +281,7 @@ class SpectralModel(BaseTuner):
         }
         encode_index_sets(spectral_layers(model), adapter_name, to_return)  # a bitmap or int32 (index_codec)
         # ... and fingerprints of each layer's index set and saved tensors, so an edited config or a file from
-        # another adapter is refused on load (hf_spectral/loading.py)
+        # another adapter is refused on load (hf_spectral/io/loading.py)
         config.fingerprints = fingerprints(spectral_layers(model), config, adapter_name, to_return)
         if config.mode == "replace" and config.train_non_spectral:
             # tied parameters are listed once (named_parameters skips the aliases), so a tied head is saved once
