@@ -1,5 +1,5 @@
-"""The one place that reaches into PEFT's internals, and the list of what ``import hf_spectral`` changes
-in PEFT's classes.
+"""The one place that reaches into PEFT's internals, and the list of everything ``import hf_spectral``
+changes in other libraries (PEFT's and transformers' classes); nothing else in the package patches them.
 
 1. ``SPECTRAL`` in PEFT's method registry. PEFT (checked on 0.21) registers a method with
    ``peft.utils.register_peft_method``, which fills its config, tuner and prefix mappings, but only
@@ -13,9 +13,12 @@ in PEFT's classes.
    (:func:`install_patches`): PEFT changes the model before it reads the weights file, and reports a
    missing layer as a warning, so a corrupt, edited or mismatched adapter leaves a half-changed model.
    For spectral adapters these check the files first and undo a failed load
-   (``hf_spectral.loading``); other adapters load as before (``tests/test_loading.py``).
+   (``hf_spectral.loading``); every other adapter goes straight to the original, with nothing read or
+   fetched for it (``tests/test_loading.py``).
+4. Private names the tuner uses, imported here only: ``BufferDict`` (index sets saved per adapter) and the
+   helpers that tell PEFT's adapter parameters from the rest (replace mode's ``modules_to_save`` rule).
 
-The tests fail loudly if a peft release changes any of this.
+The tests fail loudly if a peft release changes any of this (``tests/test_peft_registry.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ import enum
 import functools
 import inspect
 
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes as filter_state_dict_by_key_prefixes
+from peft.tuners.tuners_utils import _get_tuner_state_dict_key_prefixes as tuner_state_dict_key_prefixes
+from peft.tuners.tuners_utils import _is_key_under_prefixes as is_key_under_prefixes
 from peft.utils import PeftType
+
+__all__ = [
+    "NAME", "PREFIX", "PEFT_KEY_PREFIX", "SPECTRAL_PEFT_TYPE", "register", "install_patches", "BufferDict",
+    "filter_state_dict_by_key_prefixes", "tuner_state_dict_key_prefixes", "is_key_under_prefixes",
+]
 
 NAME = "spectral"
 PREFIX = "spectral_"  # every adapter attribute of a spectral layer starts with it (PEFT saves by this prefix)

@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import Optional
 
+from ..ecosystem.model_card import size_in_bytes  # noqa: F401  (the one byte formatter; the commands import it here)
+
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
@@ -58,14 +60,6 @@ def regex(text: str) -> str:
 
 def count(n: int) -> str:
     return f"{n:,}"
-
-
-def size_in_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
