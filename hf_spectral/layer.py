@@ -19,7 +19,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized
+from . import dropout, quantized
 from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
 from .compute import autotune, dispatch
 from .compute.functions import matrix, transform_dtype
@@ -50,6 +50,7 @@ class AdapterSettings:
     seed: int
     scaling: float
     block: Optional[tuple[int, int]]  # (p, q) for the lowfreq layout, else None
+    dropout: float = 0.0  # delta mode: dropout on the update's input while training (dropout.py)
 
 
 class SpectralLayer(BaseTunerLayer):
@@ -155,7 +156,8 @@ class SpectralLayer(BaseTunerLayer):
         elif space.block is None:
             self.spectral_fixed_indices[adapter_name] = space.indices.to(device)
         self.spectral_settings[adapter_name] = AdapterSettings(
-            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block
+            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block,
+            dropout=float(getattr(config, "spectral_dropout", 0.0)),
         )
         self._spaces.pop(adapter_name, None)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -464,6 +466,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
         may rebuild a merged weight (``auto``, ``dense`` or ``sampled``: the path is chosen in the forward), else None."""
         if self._disable_adapters or self.merged or self.quantization_backend is not None or not self.training:
             return None
+        if dropout.applies(self):  # the update runs on its own input, never as a merged weight
+            return None
         active = [a for a in self.active_adapters if a in self.spectral_coefficients]
         if self.compute_path not in ("auto", "dense", "sampled") or len(active) != 1:
             return None
@@ -532,6 +536,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.compute_path not in COMPUTE_PATHS:
             raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
+        if dropout.applies(self, active):  # base(x) + update(dropout(x)), as LoRA computes it
+            return dropout.forward(self, x, active, *args, **kwargs)
         if self.quantization_backend is not None:  # the quantized kernel plus the update; no weight cache
             return quantized.forward(self, x, active, *args, **kwargs)
 
