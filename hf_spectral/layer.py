@@ -93,10 +93,16 @@ class SpectralLayer(BaseTunerLayer):
             self.in_features, self.out_features = base_layer.nx, base_layer.nf
         elif self.quantization_backend is not None:
             self.in_features, self.out_features = quantized.features(base_layer)
+        elif self._matrix_shape(base_layer) is not None:  # a weight read as a matrix (embedding_conv.py)
+            self.out_features, self.in_features = self._matrix_shape(base_layer)
         else:
             raise TypeError(
                 f"Spectral layers wrap torch.nn.Linear and transformers' Conv1D, not {type(base_layer).__name__}."
             )
+
+    def _matrix_shape(self, base_layer: nn.Module) -> Optional[tuple[int, int]]:
+        """(out, in) of a base layer whose weight is read as a matrix; None here (subclasses for other modules)."""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # creating an adapter

@@ -143,6 +143,10 @@ def module_shape(module: nn.Module) -> Optional[tuple[int, int]]:
         return module.nf, module.nx
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
+    from .embedding_conv import matrix_shape
+
+    if matrix_shape(module) is not None:  # nn.Embedding, nn.Conv1d/2d/3d: the weight read as a matrix
+        return matrix_shape(module)
     from . import quantized
 
     if quantized.is_quantized(module):  # HQQ and others that are not nn.Linear

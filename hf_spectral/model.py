@@ -24,7 +24,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized, rebuild_groups
+from . import embedding_conv, quantized, rebuild_groups
 from ._peft_registry import PEFT_KEY_PREFIX, PREFIX
 from .config import SpectralConfig
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
@@ -120,10 +120,17 @@ class SpectralModel(BaseTuner):
         if isinstance(target, SpectralLayer):
             target.update_layer(adapter_name, config, current_key, from_pretrained)
             return
+        if embedding_conv.handles(base):  # nn.Embedding and convolutions: a weight read as a matrix
+            new_module = embedding_conv.create(target, adapter_name, config, current_key, from_pretrained, self.model)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            return
         if not isinstance(base, (nn.Linear, Conv1D)) and not quantized.is_quantized(base):
             raise TypeError(
                 f"Target module {current_key!r} is a {type(base).__name__}; spectral layers replace torch.nn.Linear "
-                "(plain or quantized: bitsandbytes, torchao, HQQ, ...) and transformers' Conv1D. Remove it from "
+                "(plain or quantized: bitsandbytes, torchao, HQQ, ...), transformers' Conv1D, nn.Embedding and "
+                "nn.Conv1d/2d/3d (delta mode). Remove it from "
                 "target_modules (or add it to exclude_modules)."
             )
         if config.fan_in_fan_out != isinstance(base, Conv1D):
