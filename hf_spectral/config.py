@@ -74,6 +74,10 @@ class SpectralConfig(PeftConfig):
         modules_to_save, trainable_token_indices: as in PEFT's other methods. Without ``target_modules``,
             delta mode targets LoRA's default modules of known architectures and replace mode all linear
             layers but the output head.
+        target_parameters (`list[str]`): parameters to adapt by name, PEFT's meaning: the 3-D expert weights of
+            transformers' MoE models, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``. Each expert
+            gets its own delta of K coefficients (the budget, per expert) on one shared index set. Delta mode and
+            the random, lowfreq and triangle layouts. To adapt only these, set ``target_modules=[]``.
         layer_shapes (`dict`): filled in when the adapter is saved: the (out, in) shape of every spectral layer,
             so that loading into a model whose shapes differ fails before the model is touched.
         fingerprints (`dict`): filled in when the adapter is saved: the fields that decide each layer, and per
@@ -109,6 +113,9 @@ class SpectralConfig(PeftConfig):
     )
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token ids whose embeddings are trained (as in LoRA)."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Parameters to adapt by name (MoE experts), e.g. 'experts.gate_up_proj'."}
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(
         default=None, metadata={"help": "Only these layer indices."}
@@ -168,6 +175,15 @@ class SpectralConfig(PeftConfig):
                 f"spectral_dropout={self.spectral_dropout!r} needs mode='delta': it drops the input of the update, and a "
                 "replace-mode layer is all update (use the model's own dropout there)."
             )
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters):
+                raise ValueError(
+                    f"target_parameters={self.target_parameters!r} must be a list of parameter names, e.g. "
+                    "['experts.gate_up_proj', 'experts.down_proj']."
+                )
+            self.target_parameters = list(self.target_parameters)
+            if self.target_parameters and self.mode == "replace":
+                raise ValueError("target_parameters needs mode='delta': replace mode adapts linear layers only.")
         if not isinstance(self.banded_rings, int) or self.banded_rings < 1:
             raise ValueError(f"banded_rings={self.banded_rings!r} must be a positive integer, e.g. 4.")
         if not 0.0 <= self.banded_energy_share <= 1.0:

@@ -215,7 +215,7 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
 
     weights, header, get_tensor = _read_weights(folder)
     shapes = {name: tuple(shape) for name, shape in (config.layer_shapes or {}).items()}
-    if not shapes:
+    if not shapes and not getattr(config, "target_parameters", None):  # parameters alone record no layers
         raise _problem(
             os.path.join(folder, CONFIG_NAME), "has no layer_shapes, so its layers cannot be checked against the model.",
             "Re-save the adapter with hf_spectral to record them.",
