@@ -71,12 +71,14 @@ def register_with_peft() -> None:
         return  # _OwnImports registers when the outermost one is done
     _registration = "running"
     try:
-        from ._peft_registry import install_patches, register
+        from ._peft_registry import install_mixed_model_support, install_patches, register
         from .config import SpectralConfig
         from .ecosystem.hub import is_spectral_model, push_to_hub
+        from .layer import SpectralLayer
         from .model import SpectralModel
 
         register(SpectralConfig, SpectralModel)
+        install_mixed_model_support(SpectralConfig, SpectralModel, SpectralLayer)
         if "load_guards" in inspect.signature(install_patches).parameters:  # the load checks (hf_spectral.loading)
             from .loading import guard_peft_from_pretrained, guard_peft_load_adapter, guard_transformers_load_adapter
 

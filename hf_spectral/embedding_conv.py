@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
@@ -55,6 +56,12 @@ def handles(module: nn.Module) -> bool:
 
 
 def create(target: nn.Module, adapter_name: str, config, module_key: str, from_pretrained: bool, model: nn.Module):
+    if isinstance(target, BaseTunerLayer) and not isinstance(target, SpectralLayer):
+        raise ValueError(
+            f"{module_key!r} already holds a {type(target).__name__} adapter of another method; a spectral embedding or "
+            "convolution goes under it, not over it: add the spectral adapter first (in a mixed model, as the first "
+            "adapter), then the other method's."
+        )
     base = target.get_base_layer() if isinstance(target, SpectralLayer) else target
     if isinstance(base, nn.Embedding):
         layer = SpectralEmbedding(target, adapter_name, config, module_key, from_pretrained)
