@@ -18,7 +18,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized, rebuild_groups
+from . import dropout, quantized, rebuild_groups
 from ._peft_registry import BufferDict
 from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
 from .compute import cost_model, dispatch
@@ -39,6 +39,7 @@ class AdapterSettings:
     seed: int
     scaling: float
     block: Optional[tuple[int, int]]  # (p, q) for the lowfreq layout, else None
+    dropout: float = 0.0  # delta mode: dropout on the update's input while training (dropout.py)
 
 
 class SpectralLayer(BaseTunerLayer):
@@ -80,10 +81,16 @@ class SpectralLayer(BaseTunerLayer):
             self.in_features, self.out_features = base_layer.nx, base_layer.nf
         elif self.quantization_backend is not None:
             self.in_features, self.out_features = quantized.features(base_layer)
+        elif self._matrix_shape(base_layer) is not None:  # a weight read as a matrix (embedding_conv.py)
+            self.out_features, self.in_features = self._matrix_shape(base_layer)
         else:
             raise TypeError(
                 f"Spectral layers wrap torch.nn.Linear and transformers' Conv1D, not {type(base_layer).__name__}."
             )
+
+    def _matrix_shape(self, base_layer: nn.Module) -> Optional[tuple[int, int]]:
+        """(out, in) of a base layer whose weight is read as a matrix; None here (subclasses for other modules)."""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # creating an adapter
@@ -143,7 +150,8 @@ class SpectralLayer(BaseTunerLayer):
         elif space.block is None:
             self.spectral_fixed_indices[adapter_name] = space.indices.to(device)
         self.spectral_settings[adapter_name] = AdapterSettings(
-            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block
+            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block,
+            dropout=float(getattr(config, "spectral_dropout", 0.0)),
         )
         self._spaces.pop(adapter_name, None)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -288,6 +296,8 @@ class SpectralLayer(BaseTunerLayer):
 
 class SpectralLinear(nn.Module, SpectralLayer):
     """A spectral adapter around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    batched_rebuilds = True  # same-shape layers' merged weights may be built together (rebuild_groups.py)
 
     def __init__(
         self,
@@ -477,6 +487,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.compute_path not in COMPUTE_PATHS:
             raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
+        if dropout.applies(self, active):  # base(x) + update(dropout(x)), as LoRA computes it
+            return dropout.forward(self, x, active, *args, **kwargs)
         if self.quantization_backend is not None:  # the quantized kernel plus the update; no weight cache
             return quantized.forward(self, x, active, *args, **kwargs)
 

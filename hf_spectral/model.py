@@ -17,7 +17,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized, rebuild_groups
+from . import embedding_conv, quantized, rebuild_groups
 from ._peft_registry import (
     PEFT_KEY_PREFIX,
     PREFIX,
@@ -29,6 +29,7 @@ from .compute import autotune
 from .config import SpectralConfig
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
 from .index_codec import decode as decode_indices
+from .expert_parameters import ParamWrapper
 from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 from .layouts import validate_indices
 from .loading import (
@@ -200,16 +201,27 @@ class SpectralModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        if kwargs.get("parameter_name") is not None:  # PEFT's target_parameters (expert_parameters.py)
+            return self._create_and_replace_parameter(
+                config, adapter_name, target, target_name, parent, current_key, parameter_name=kwargs["parameter_name"]
+            )
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         # transformers tags every parameter it loads from a checkpoint; weights built by from_config are untagged
         from_pretrained = bool(getattr(getattr(base, "weight", None), "_is_hf_initialized", False))  # HQQ has no weight
         if isinstance(target, SpectralLayer):
             target.update_layer(adapter_name, config, current_key, from_pretrained)
             return
+        if embedding_conv.handles(base):  # nn.Embedding and convolutions: a weight read as a matrix
+            new_module = embedding_conv.create(target, adapter_name, config, current_key, from_pretrained, self.model)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            return
         if not isinstance(base, (nn.Linear, Conv1D)) and not quantized.is_quantized(base):
             raise TypeError(
                 f"Target module {current_key!r} is a {type(base).__name__}; spectral layers replace torch.nn.Linear "
-                "(plain or quantized: bitsandbytes, torchao, HQQ, ...) and transformers' Conv1D. Remove it from "
+                "(plain or quantized: bitsandbytes, torchao, HQQ, ...), transformers' Conv1D, nn.Embedding and "
+                "nn.Conv1d/2d/3d (delta mode). Remove it from "
                 "target_modules (or add it to exclude_modules)."
             )
         if config.fan_in_fan_out != isinstance(base, Conv1D):
@@ -226,10 +238,21 @@ class SpectralModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _create_and_replace_parameter(
+        self, config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
+        if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
+            target.update_layer(adapter_name, config, current_key)  # another adapter on a wrapped parameter
+            return
+        new_module = ParamWrapper(target, adapter_name, parameter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Unloading puts the base layer back as it is. PEFT's version copies child.weight onto it, which a
         # quantized base without a `weight` (HQQLinear, swapped in by a merge) does not have.
-        if isinstance(child, SpectralLayer) and new_module is child.get_base_layer():
+        if isinstance(child, (SpectralLayer, ParamWrapper)) and new_module is child.get_base_layer():
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
@@ -372,6 +395,8 @@ class SpectralModel(BaseTuner):
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
         configs = [self.peft_config[name] for name in adapters]
+        if any(config.target_parameters for config in configs):
+            raise ValueError("add_weighted_adapter does not combine adapters with target_parameters; merge them one by one.")
         if any(config.mode != "delta" for config in configs):
             raise ValueError("Only delta-mode adapters can be combined: a replace-mode adapter is the weight itself.")
         fields = ("layout", "basis", "seed", "n_coefficients", "coefficient_fraction", "budget_pattern",
@@ -430,6 +455,8 @@ class SpectralModel(BaseTuner):
             raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}.")
         if self.training:
             raise ValueError("adapter_names is for inference: call model.eval() first (mixed batches do not train).")
+        if any(isinstance(module, ParamWrapper) for module in self.model.modules()):
+            raise ValueError("adapter_names (mixed batches) is not supported with target_parameters.")
         replace = self._replace_adapter_names()
         if replace:
             raise ValueError(
