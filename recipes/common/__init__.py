@@ -13,7 +13,8 @@
 ``metrics``            ``stable_rank(weight)`` (||W||_F^2 / ||W||_2^2), ``parameter_counts(model, head_names)``
 ``optim``              ``OPTIMIZERS`` (adamw / wadam / wfactored -> SpectralAdamW's ``moments``),
                        ``check_optimizer(name, spectral, arm)``
-``progress``           ``quiet(trainer, label)``: one tqdm bar per run instead of printed log dicts
+``progress``           ``quiet(trainer, label)``: one tqdm bar per run instead of printed log dicts;
+                       ``quiet_loading()``: transformers logs errors only (no LOAD REPORT table per run)
 ``compare``            ``mean_std(values)``, ``fmt(value, digits)``, ``markdown_table(header, rows)``
 =====================  ==========================================================================================
 
@@ -41,6 +42,7 @@ _HOMES = {
     "parse_value": "profiles",
     "ProgressBar": "progress",
     "quiet": "progress",
+    "quiet_loading": "progress",
     "RECORD_NAME": "records",
     "find_records": "records",
     "is_finished": "records",

@@ -6,10 +6,14 @@ with the latest losses is enough::
 
     trainer = Trainer(...)
     quiet(trainer, label="dense")     # a bar if args.disable_tqdm is False, nothing otherwise
+
+``quiet_loading()`` at a recipe's entry point keeps transformers' own warnings (the LOAD REPORT table it prints
+for every ``from_pretrained`` whose checkpoint lacks a new task head, and the like) off the screen.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from tqdm.auto import tqdm
@@ -53,3 +57,15 @@ def quiet(trainer: Trainer, label: Optional[str] = None) -> Trainer:
     if not trainer.args.disable_tqdm:
         trainer.add_callback(ProgressBar(label))
     return trainer
+
+
+def quiet_loading() -> None:
+    """transformers logs errors only, unless ``TRANSFORMERS_VERBOSITY`` asks for more.
+
+    A recipe loads the same model once per run, and a classification head that is new by design makes every load
+    print a LOAD REPORT table of missing keys; the run record, not the screen, is where a recipe reports.
+    """
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()

@@ -28,6 +28,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from recipes.common import quiet_loading
 from recipes.finetune.data import resolve_model
 
 from .evaluate import evenly_spaced, held_out, resolve_data, text_blocks
@@ -187,6 +188,7 @@ def main(argv=None) -> None:
     parser.add_argument("--stage", default="all", choices=("all", "compress", "heal", "audit"))
     parser.add_argument("--only", default="", help="comma-separated method names: run only these (compress stage)")
     args = parser.parse_intermixed_args(argv)
+    quiet_loading()
     profile = load_profile(args.profile, args.overrides)
     torch.manual_seed(0)
     recipe = Recipe(profile, Path(args.results))

@@ -32,6 +32,9 @@ from pathlib import Path
 def _init_worker(threads: int) -> None:
     import torch
 
+    from ..common import quiet_loading
+
+    quiet_loading()
     torch.set_num_threads(threads)
 
 
@@ -149,6 +152,9 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="*", help="Only these arms.")
     parser.add_argument("overrides", nargs="*", help="key=value settings over every arm's.")
     args = parser.parse_intermixed_args(argv)
+    from ..common import quiet_loading
+
+    quiet_loading()
     # "--arms a b key=value" would swallow the overrides: hand key=value items back
     args.overrides += [a for a in args.arms or [] if "=" in a]
     args.arms = [a for a in args.arms or [] if "=" not in a]

