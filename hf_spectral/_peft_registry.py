@@ -26,9 +26,7 @@ import inspect
 
 from peft.utils import PeftType
 
-NAME = "spectral"
-PREFIX = "spectral_"  # every adapter attribute of a spectral layer starts with it (PEFT saves by this prefix)
-PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel puts before a module's name in a saved state dict
+from ._names import NAME, PEFT_KEY_PREFIX, PREFIX  # noqa: F401 - re-exported: the tuner and the loader read them here
 
 
 def _extend_peft_type(member_name: str) -> PeftType:

@@ -186,6 +186,33 @@ def test_compress_refuses_a_result_larger_than_the_dense_model_before_writing(ba
     assert code == 0 and (out_dir / "adapter_model.safetensors").is_file()
 
 
+def test_compress_measures_growth_against_the_dense_weights_it_loaded_not_the_input_files(tmp_path, capsys):
+    # the model stored in bf16 (like a quantized .gguf: smaller than the dense weights it holds), loaded in fp32
+    stored = tmp_path / "bf16"
+    tiny_gpt2(seed=0).to(torch.bfloat16).save_pretrained(stored)
+    dense_fp32 = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(stored).parameters())
+    out_dir = tmp_path / "out"
+    code, out, err = _run(capsys, "compress", stored, "--fraction", "0.75", "--layout", "lowfreq", "--out", out_dir)
+    assert code == 0, err
+    report = json.loads((out_dir / "compression.json").read_text())
+    written = report["bytes_after"]["model_on_disk"]
+    assert report["bytes_before"]["dense_weights"] == dense_fp32
+    # larger than the bf16 file, smaller than the fp32 weights it was compressed from: no growth, no refusal
+    assert report["bytes_before"]["model_on_disk"] < written < dense_fp32
+    assert "whole model, dense weights as loaded (float32) -> adapter_model.safetensors" in out
+    assert "larger than the dense one" not in err
+
+
+def test_compress_does_not_advise_the_layout_the_run_already_used(base_dir, tmp_path, capsys):
+    # every coefficient kept: the adapter's longer tensor names make its file a little larger than the dense one
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "1", "--layout", "lowfreq",
+                        "--out", tmp_path / "full")
+    assert code == 1 and "would be larger than the dense one" in err and "Lower --fraction" in err
+    assert "--layout lowfreq" not in err and "index set" not in err
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "1", "--out", tmp_path / "full")
+    assert code == 1 and "use --layout lowfreq or triangle" in err
+
+
 @pytest.fixture(scope="module")
 def base_with_tokenizer(tmp_path_factory):
     """The tiny GPT-2 with a character tokenizer beside it, and a text."""

@@ -60,12 +60,31 @@ def quiet(trainer: Trainer, label: Optional[str] = None) -> Trainer:
 
 
 def quiet_loading() -> None:
-    """transformers logs errors only, unless ``TRANSFORMERS_VERBOSITY`` asks for more.
+    """What a recipe prints is its progress bars and tables.
 
-    A recipe loads the same model once per run, and a classification head that is new by design makes every load
-    print a LOAD REPORT table of missing keys; the run record, not the screen, is where a recipe reports.
+    transformers logs errors only (a classification head that is new by design makes every load print a LOAD
+    REPORT table of missing keys) unless ``TRANSFORMERS_VERBOSITY`` asks for more; no bar per dataset map or
+    weight file; no import-time notes of optional quantization libraries (torchao, bitsandbytes) that a recipe
+    does not use; no deprecation notice that PEFT triggers in transformers. The run record keeps what matters.
     """
-    if "TRANSFORMERS_VERBOSITY" not in os.environ:
-        from transformers.utils import logging as hf_logging
+    import logging
+    import warnings
 
+    from transformers.utils import logging as hf_logging
+
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
         hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    for name in OPTIONAL_EXTRAS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+# loggers of optional libraries that PEFT imports when they are installed, and their import-time notes
+OPTIONAL_EXTRAS_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "hqq", "kernels")

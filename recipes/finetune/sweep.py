@@ -140,6 +140,9 @@ def run_timing(profile: dict, steps: int) -> None:
 
 
 def main(argv=None) -> None:
+    from ..common import quiet_loading
+
+    quiet_loading()  # before the first import of PEFT, whose optional backends log at import
     from .train import load_profile
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,9 +155,6 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="*", help="Only these arms.")
     parser.add_argument("overrides", nargs="*", help="key=value settings over every arm's.")
     args = parser.parse_intermixed_args(argv)
-    from ..common import quiet_loading
-
-    quiet_loading()
     # "--arms a b key=value" would swallow the overrides: hand key=value items back
     args.overrides += [a for a in args.arms or [] if "=" in a]
     args.arms = [a for a in args.arms or [] if "=" not in a]
