@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -126,13 +125,9 @@ class SpectralModel(BaseTuner):
                 "(plain or quantized: bitsandbytes, torchao, HQQ, ...) and transformers' Conv1D. Remove it from "
                 "target_modules (or add it to exclude_modules)."
             )
-        if config.fan_in_fan_out != isinstance(base, Conv1D):
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not match {current_key!r} ({type(base).__name__}); "
-                f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout.",
-                stacklevel=2,
-            )
-            config.fan_in_fan_out = isinstance(base, Conv1D)
+        # Each layer reads its layout off its base (Conv1D stores (in, out)), whatever the config says, so a
+        # mismatch is not the user's to fix: record what the layer is, as LoRA does, and say nothing.
+        config.fan_in_fan_out = isinstance(base, Conv1D)
         new_module = SpectralLinear(
             target, adapter_name, config, current_key, from_pretrained, **quantized.layer_kwargs(self.model)
         )

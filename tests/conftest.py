@@ -39,7 +39,6 @@ os.environ["HF_SPECTRAL_CACHE"] = tempfile.mkdtemp(prefix="hf_spectral_test_cach
 @pytest.fixture(autouse=True)
 def _quiet_known_warnings():
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
         yield
 

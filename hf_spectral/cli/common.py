@@ -117,6 +117,8 @@ def quiet_libraries(verbose: bool = False):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # PEFT's notes about the base it saves from (no config.json beside a .gguf, ...): not the user's to act on
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
         try:
             yield
         finally:
