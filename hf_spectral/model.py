@@ -72,6 +72,14 @@ class SpectralModel(BaseTuner):
     tuner_layer_cls = SpectralLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``peft.convert_to_lora`` can convert this model: every spectral layer holds a delta adapter.
+
+        A question, so it answers False for replace mode, where a layer asked directly (as the converter does)
+        raises an error that says to merge instead."""
+        settings = [layer.spectral_settings.get(adapter_name) for _, layer in spectral_layers(self.model)]
+        return bool(settings) and all(s is not None and s.mode == "delta" for s in settings)
+
     # ----------------------------------------------------------------------------------------------
     # checks before anything is changed
 
