@@ -63,6 +63,31 @@ def _dense_weights(base_dir) -> dict[str, np.ndarray]:
 # inspect
 
 
+def test_other_libraries_are_quiet_unless_verbose_and_their_settings_come_back():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from hf_spectral.cli.common import OPTIONAL_EXTRAS_LOGGERS, quiet_libraries
+
+    before = (hf_logging.get_verbosity(), [logging.getLogger(n).level for n in OPTIONAL_EXTRAS_LOGGERS])
+    with quiet_libraries():
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert all(logging.getLogger(n).level == logging.ERROR for n in OPTIONAL_EXTRAS_LOGGERS)
+    assert (hf_logging.get_verbosity(), [logging.getLogger(n).level for n in OPTIONAL_EXTRAS_LOGGERS]) == before
+    with quiet_libraries(verbose=True):
+        assert hf_logging.get_verbosity() == before[0]
+        assert all(logging.getLogger(n).level == level for n, level in zip(OPTIONAL_EXTRAS_LOGGERS, before[1],
+                                                                            strict=True))
+
+
+def test_verbose_goes_before_the_command(base_dir, tmp_path, capsys):
+    folder = tmp_path / "delta"
+    _adapter(base_dir, folder, target_modules=["c_attn"], n_coefficients=8)
+    code, out, _ = _run(capsys, "--verbose", "inspect", folder)
+    assert code == 0 and "transformer.h.0.attn.c_attn" in out
+
+
 def test_inspect_reports_mode_layout_k_shapes_counts_and_size(base_dir, tmp_path, capsys):
     folder = tmp_path / "delta"
     _adapter(base_dir, folder, target_modules=["c_attn", "c_fc"], n_coefficients=40, layout="energy",
