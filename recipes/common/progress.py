@@ -6,14 +6,10 @@ with the latest losses is enough::
 
     trainer = Trainer(...)
     quiet(trainer, label="dense")     # a bar if args.disable_tqdm is False, nothing otherwise
-
-``quiet_loading()`` at a recipe's entry point keeps transformers' own warnings (the LOAD REPORT table it prints
-for every ``from_pretrained`` whose checkpoint lacks a new task head, and the like) off the screen.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from tqdm.auto import tqdm
@@ -57,34 +53,3 @@ def quiet(trainer: Trainer, label: Optional[str] = None) -> Trainer:
     if not trainer.args.disable_tqdm:
         trainer.add_callback(ProgressBar(label))
     return trainer
-
-
-def quiet_loading() -> None:
-    """What a recipe prints is its progress bars and tables.
-
-    transformers logs errors only (a classification head that is new by design makes every load print a LOAD
-    REPORT table of missing keys) unless ``TRANSFORMERS_VERBOSITY`` asks for more; no bar per dataset map or
-    weight file; no import-time notes of optional quantization libraries (torchao, bitsandbytes) that a recipe
-    does not use; no deprecation notice that PEFT triggers in transformers. The run record keeps what matters.
-    """
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    if "TRANSFORMERS_VERBOSITY" not in os.environ:
-        hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
-    for name in OPTIONAL_EXTRAS_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-# loggers of optional libraries that PEFT imports when they are installed, and their import-time notes
-OPTIONAL_EXTRAS_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "hqq", "kernels")

@@ -17,9 +17,6 @@ import time
 from pathlib import Path
 
 from ..common import quiet_loading
-from .compare import compare
-from .prepare import prepare
-from .train import load_profile, run_settings, train
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "main_job.yaml"
 
@@ -30,7 +27,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/shakespeare_char", help="root folder of the runs")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for every arm")
     args = parser.parse_args(argv)
-    quiet_loading()  # what the job prints is the bars and the table
+    quiet_loading()  # what the job prints is the bars and the table; before the imports, which log
+    from .compare import compare
+    from .prepare import prepare
+    from .train import load_profile, run_settings, train
 
     start = time.perf_counter()
     data_dir = Path(args.out) / "data"
