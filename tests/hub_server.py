@@ -129,6 +129,15 @@ class LocalHub:
         if not head:
             request.wfile.write(body)
 
+    def put_folder(self, repo: str, folder) -> str:
+        """Store every file of a local folder in ``repo`` as one commit, as a push would; return its oid."""
+        from pathlib import Path
+
+        files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        with self._lock:
+            self.files.setdefault(repo, {}).update(files)
+            return self._new_commit(repo, f"upload {len(files)} files", sorted(files))
+
     def _new_commit(self, repo: str, summary: str, paths: list[str]) -> str:
         oid = hashlib.sha1(f"{repo}:{len(self.commits)}:{summary}".encode()).hexdigest()
         self.heads[repo] = oid

@@ -88,35 +88,39 @@ def _compressed(folder: Path, stack) -> tuple[str, dict]:
     return 'MODEL, DIR = "base", "out"\n', {}
 
 
-def _local_hub(folder: Path, stack) -> dict:
+def _local_hub(stack):
     """The test Hub (tests/hub_server.py) on 127.0.0.1, and the environment that points a process at it."""
     from hub_server import LocalHub
 
     hub = LocalHub().start()
     stack.callback(hub.stop)
-    return dict(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="0",
-                HF_TOKEN="hf_local_test_token")
+    env = dict(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="0",
+               HF_TOKEN="hf_local_test_token")
+    return hub, env
 
 
 def _hub_with_a_base(folder: Path, stack) -> tuple[str, dict]:
     """``base``: a tiny Llama, for the push in docs/hub.md to a local Hub."""
     _tiny_llama(folder / "base")
     prelude = 'from transformers import AutoModelForCausalLM\nbase = AutoModelForCausalLM.from_pretrained("base")\n'
-    return prelude, _local_hub(folder, stack)
+    return prelude, _local_hub(stack)[1]
 
 
 def _hub_with_an_adapter(folder: Path, stack) -> tuple[str, dict]:
     """``org/base`` and ``you/my-spectral-adapter`` (a delta adapter on it) on a local Hub, for the load."""
-    env = _local_hub(folder, stack)
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_spectral import SpectralConfig
+
+    hub, env = _local_hub(stack)
     _tiny_llama(folder / "base")
-    push = (
-        "import hf_spectral\nfrom peft import get_peft_model\nfrom transformers import AutoModelForCausalLM\n"
-        "AutoModelForCausalLM.from_pretrained('base').push_to_hub('org/base')\n"
-        "model = get_peft_model(AutoModelForCausalLM.from_pretrained('org/base'),\n"
-        "                       hf_spectral.SpectralConfig(n_coefficients=200, task_type='CAUSAL_LM'))\n"
-        "model.push_to_hub('you/my-spectral-adapter')\n"
-    )
-    _run([sys.executable, "-c", push], folder, **env)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder / "base"),
+                           SpectralConfig(n_coefficients=200, task_type="CAUSAL_LM"))
+    model.peft_config["default"].base_model_name_or_path = "org/base"  # what a model loaded from the Hub records
+    model.save_pretrained(folder / "adapter")
+    hub.put_folder("org/base", folder / "base")
+    hub.put_folder("you/my-spectral-adapter", folder / "adapter")
     return "", env
 
 
