@@ -24,6 +24,7 @@ import bz2
 import hashlib
 import importlib.util
 import os
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def shared_dir() -> Path:
     return Path(os.environ.get("HF_SPECTRAL_SHARED", REPO_ROOT.parent / "shared"))
 
 
+_SAID_SAMPLE: set = set()
+
+
 def rotten_tomatoes_file(source: str) -> Path | None:
     """The local csv(.bz2) that ``source`` names, or None for a Hub dataset name.
 
@@ -119,7 +123,13 @@ def rotten_tomatoes_file(source: str) -> Path | None:
     """
     if source == ROTTEN_TOMATOES_LOCAL:
         shared = shared_dir() / "data" / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
-        return shared if shared.is_file() else ROTTEN_TOMATOES_SAMPLE
+        if shared.is_file():
+            return shared
+        if shared not in _SAID_SAMPLE:  # once per process, not once per run
+            _SAID_SAMPLE.add(shared)
+            print(f"Rotten Tomatoes: no shared copy at {shared}; using the 358-review sample shipped with the "
+                  "recipe (enough for a smoke run, not for a comparison)", file=sys.stderr, flush=True)
+        return ROTTEN_TOMATOES_SAMPLE
     path = local_path(source)
     if path.exists():
         return path
