@@ -410,8 +410,9 @@ def _print_bytes(records, dense_memory, dense_weights, dense_disk, dense_files, 
     kinds = {}
     for r in records:
         kinds[r["index_set"]] = kinds.get(r["index_set"], 0) + 1
+    saved = any(kind.startswith("saved") for kind in kinds)
     print("index sets: " + ", ".join(f"{kind} ({n} layers)" for kind, n in sorted(kinds.items())) +
-          " (saved: a bitmap of m x n bits or int32 positions, whichever is smaller)")
+          (" (saved: a bitmap of m x n bits or int32 positions, whichever is smaller)" if saved else ""))
     print(f"the weight cache holds one dense weight per layer in evaluation ({size_in_bytes(memory['cache'])}); "
           "hf_spectral.set_weight_cache(model, False) turns it off (each forward then rebuilds the weights)")
 
