@@ -106,7 +106,10 @@ class SpectralConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to leave alone."}
     )
-    fan_in_fan_out: bool = field(default=False, metadata={"help": "True for layers storing (in, out), like Conv1D."})
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Layers storing (in, out), like Conv1D; each layer detects its own, so this is informational."},
+    )
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'spectral_only'."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Other modules to train and save (adapter-scoped copies)."}

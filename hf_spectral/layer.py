@@ -225,8 +225,18 @@ class SpectralLayer(BaseTunerLayer):
             )
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True for a delta adapter. ``peft.convert_to_lora`` asks each layer this before converting; a replace-mode
+        layer raises instead of answering False, so the user reads what to do rather than PEFT's generic "do not
+        support LoRA conversion". The model-wide question (``SpectralModel.supports_lora_conversion``) answers."""
         settings = self.spectral_settings.get(adapter_name)
-        return settings is not None and settings.mode == "delta"
+        if settings is not None and settings.mode == "replace":
+            raise TypeError(
+                f"Adapter {adapter_name!r} is a replace-mode spectral adapter: its layers hold the weight itself, not "
+                "an update of a base weight, so no LoRA adapter can express it (peft.convert_to_lora and save_as_lora "
+                "convert delta adapters only). To serve it, merge it first: model.merge_and_unload() returns a plain "
+                "transformers model with the rebuilt dense weights, which any server loads."
+            )
+        return settings is not None
 
     # ----------------------------------------------------------------------------------------------
     # the evaluation-time weight cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTuner, BaseTunerLayer
@@ -160,6 +159,14 @@ class SpectralModel(BaseTuner):
     tuner_layer_cls = SpectralLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``peft.convert_to_lora`` can convert this model: every spectral layer holds a delta adapter.
+
+        A question, so it answers False for replace mode, where a layer asked directly (as the converter does)
+        raises an error that says to merge instead."""
+        settings = [layer.spectral_settings.get(adapter_name) for _, layer in spectral_layers(self.model)]
+        return bool(settings) and all(s is not None and s.mode == "delta" for s in settings)
+
     # ----------------------------------------------------------------------------------------------
     # checks before anything is changed
 
@@ -224,13 +231,9 @@ class SpectralModel(BaseTuner):
                 "nn.Conv1d/2d/3d (delta mode). Remove it from "
                 "target_modules (or add it to exclude_modules)."
             )
-        if config.fan_in_fan_out != isinstance(base, Conv1D):
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not match {current_key!r} ({type(base).__name__}); "
-                f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout.",
-                stacklevel=2,
-            )
-            config.fan_in_fan_out = isinstance(base, Conv1D)
+        # Each layer reads its layout off its base (Conv1D stores (in, out)), whatever the config says, so a
+        # mismatch is not the user's to fix: record what the layer is, as LoRA does, and say nothing.
+        config.fan_in_fan_out = isinstance(base, Conv1D)
         new_module = SpectralLinear(
             target, adapter_name, config, current_key, from_pretrained, **quantized.layer_kwargs(self.model)
         )

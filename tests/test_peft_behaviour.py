@@ -3,10 +3,12 @@ with both modes and every layout buys the same checks each."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from tiny_models import DELTA_ONLY_MODELS, MODELS, example_inputs, logits_of
+from tiny_models import DELTA_ONLY_MODELS, MODELS, example_inputs, logits_of, make_gpt2
 
 from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.layouts import LAYOUTS
@@ -252,3 +254,14 @@ def test_auto_peft_model_and_transformers_load_adapter_with_a_local_base(tmp_pat
     plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     plain.load_adapter(str(adapter_dir))
     torch.testing.assert_close(logits_of(plain, inputs), expected)
+
+
+def test_gpt2_conv1d_layers_are_handled_without_a_fan_in_fan_out_warning():
+    # each layer reads its layout off its base; the config's default False is not the user's mistake to fix
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(make_gpt2(), SpectralConfig(n_coefficients=16, target_modules=["c_attn", "c_fc"]))
+    assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == []
+    assert model.peft_config["default"].fan_in_fan_out is True
+    layers = spectral_layers(model)
+    assert len(layers) == 4 and all(layer.fan_in_fan_out for layer in layers)
