@@ -491,14 +491,16 @@ def test_spectrum_keeps_the_callers_thread_count(base_dir, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# the entry point is light
+# the entry point
 
 
 @pytest.mark.slow
-def test_help_imports_neither_torch_nor_peft():
-    code = ("import sys, time; t = time.perf_counter(); from hf_spectral.cli import main; main(['--help']); "
-            "print('heavy:', sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+def test_help_answers_in_a_fresh_interpreter():
+    # ``import hf_spectral`` registers with PEFT eagerly (so it imports peft and torch); the commands' own heavy
+    # libraries (model loading, plotting) are still imported inside the commands only
+    code = ("import sys; from hf_spectral.cli import main; main(['--help']); "
+            "print('heavy:', sorted(m for m in ('matplotlib',) if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env=subprocess_env())
     assert result.returncode == 0, result.stderr
     assert "inspect" in result.stdout and "spectrum" in result.stdout and "heavy: []" in result.stdout

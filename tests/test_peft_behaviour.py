@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from tiny_models import MODELS, example_inputs, logits_of, make_gpt2
+from tiny_models import DELTA_ONLY_MODELS, MODELS, example_inputs, logits_of, make_gpt2
 
 from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.layouts import LAYOUTS
@@ -16,10 +16,13 @@ from hf_spectral.layouts import LAYOUTS
 CASES = [(name, mode, layout, "dct") for name in MODELS for mode in ("delta", "replace") for layout in LAYOUTS]
 # the paper's control basis, on both a block and a scattered layout
 CASES += [(name, mode, layout, "random_orthonormal") for name in ("gpt2", "llama") for mode in ("delta", "replace") for layout in ("lowfreq", "random")]
+# Conv2d and Embedding targets (delta mode only), as PEFT's own table has rows for them
+CASES += [(name, "delta", layout, "dct") for name in DELTA_ONLY_MODELS for layout in LAYOUTS]
+TABLE = {**MODELS, **DELTA_ONLY_MODELS}
 
 
 def build(name: str, mode: str, layout: str, init_weights=False, seed: int = 0, **overrides):
-    factory, targets, extra = MODELS[name]
+    factory, targets, extra = TABLE[name]
     kwargs = dict(mode=mode, layout=layout, target_modules=targets, init_weights=init_weights, **extra)
     kwargs.update({"n_coefficients": 40} if mode == "delta" else {"coefficient_fraction": 0.5})
     kwargs.update(overrides)
@@ -30,10 +33,10 @@ def spectral_layers(model):
     return [m for m in model.modules() if isinstance(m, SpectralLayer)]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(TABLE))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_delta_mode_starts_as_the_identity(name, layout):
-    factory, _, _ = MODELS[name]
+    factory, _, _ = TABLE[name]
     inputs = example_inputs(name)
     expected = logits_of(factory(), inputs)
     model = build(name, "delta", layout, init_weights=True)
@@ -62,7 +65,7 @@ def test_save_then_load_gives_identical_logits(name, mode, layout, basis, tmp_pa
     inputs = example_inputs(name)
     expected = logits_of(model, inputs)
     model.save_pretrained(tmp_path)
-    factory, _, _ = MODELS[name]
+    factory, _, _ = TABLE[name]
     # replace mode must restore the whole model from the adapter alone, so load into another random init
     loaded = PeftModel.from_pretrained(factory(seed=1 if mode == "replace" else 0), tmp_path).eval()
     torch.testing.assert_close(logits_of(loaded, inputs), expected)
@@ -76,7 +79,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_logits(name, mode, l
     expected = logits_of(model, inputs)
     merged = model.merge_and_unload()
     assert not spectral_layers(merged)
-    assert type(merged) is type(MODELS[name][0]())
+    assert type(merged) is type(TABLE[name][0]())
     torch.testing.assert_close(logits_of(merged, inputs), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import Optional
 
+from ..ecosystem.model_card import size_in_bytes  # noqa: F401  (the one byte formatter; the commands import it here)
+
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
@@ -60,14 +62,6 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
-def size_in_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -92,8 +86,8 @@ OPTIONAL_EXTRAS_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "hq
 def quiet_libraries(verbose: bool = False):
     """transformers', PEFT's and optional libraries' advisory output would bury the report; errors still surface.
 
-    With ``verbose`` nothing is silenced. transformers is not imported here (a command that needs no model must
-    start fast): if it is not loaded yet, ``TRANSFORMERS_VERBOSITY`` tells it its level when a command loads it.
+    With ``verbose`` nothing is silenced. If transformers is not loaded yet, ``TRANSFORMERS_VERBOSITY`` tells it
+    its level when a command loads it.
     """
     if verbose:
         yield

@@ -55,7 +55,8 @@ def _format_count(count: int) -> str:
     return f"{count:,}"
 
 
-def _format_bytes(size: int) -> str:
+def size_in_bytes(size: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ... (also the CLI's)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -139,7 +140,7 @@ def render_model_card(
     lines += [
         f"| trainable parameters (saved) | {_format_count(summary.total_parameters)} |",
         f"| base model | {base or 'not recorded (built from a config)'} |",
-        f"| weights file | `{WEIGHTS_NAME}`, {_format_bytes(summary.file_sizes.get(WEIGHTS_NAME, 0))} |",
+        f"| weights file | `{WEIGHTS_NAME}`, {size_in_bytes(summary.file_sizes.get(WEIGHTS_NAME, 0))} |",
         "",
         MODE_TEXT.get(mode, ""),
         "",
