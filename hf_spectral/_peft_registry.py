@@ -38,14 +38,12 @@ from peft.tuners.tuners_utils import _get_tuner_state_dict_key_prefixes as tuner
 from peft.tuners.tuners_utils import _is_key_under_prefixes as is_key_under_prefixes
 from peft.utils import PeftType
 
+from ._names import NAME, PEFT_KEY_PREFIX, PREFIX  # re-exported: the tuner and the loader read them here
+
 __all__ = [
     "NAME", "PREFIX", "PEFT_KEY_PREFIX", "SPECTRAL_PEFT_TYPE", "register", "install_patches", "BufferDict",
     "filter_state_dict_by_key_prefixes", "tuner_state_dict_key_prefixes", "is_key_under_prefixes",
 ]
-
-NAME = "spectral"
-PREFIX = "spectral_"  # every adapter attribute of a spectral layer starts with it (PEFT saves by this prefix)
-PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel puts before a module's name in a saved state dict
 
 
 def _extend_peft_type(member_name: str) -> PeftType:

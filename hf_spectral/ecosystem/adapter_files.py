@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .._peft_registry import PEFT_KEY_PREFIX, PREFIX
+from .._names import PEFT_KEY_PREFIX, PREFIX
 
 COEFFICIENTS_SUFFIX = f".{PREFIX}coefficients"
 INDICES_SUFFIX = f".{PREFIX}indices"
