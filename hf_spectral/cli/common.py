@@ -85,8 +85,8 @@ def progress(iterable=None, **kwargs):
 def quiet_libraries(verbose: bool = False):
     """transformers', PEFT's and optional libraries' advisory output would bury the report; errors still surface.
 
-    With ``verbose`` nothing is silenced. transformers is not imported here (a command that needs no model must
-    start fast): if it is not loaded yet, ``TRANSFORMERS_VERBOSITY`` tells it its level when a command loads it.
+    With ``verbose`` nothing is silenced. If transformers is not loaded yet, ``TRANSFORMERS_VERBOSITY`` tells it
+    its level when a command loads it.
     """
     if verbose:
         yield
