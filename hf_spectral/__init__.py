@@ -12,12 +12,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ._peft_registry import SPECTRAL_PEFT_TYPE, install_patches, register
+from ._peft_registry import (
+    SPECTRAL_PEFT_TYPE,
+    install_hotswap_route,
+    install_mixed_model_support,
+    install_patches,
+    register,
+)
 from ._version import __version__
 from .io.hub import is_spectral_model, push_to_hub
 from .io.loading import guard_peft_from_pretrained, guard_peft_load_adapter, guard_transformers_load_adapter
 from .transforms.coefficient_space import CoefficientSpace
 from .tuner.config import SpectralConfig
+from .tuner.hotswap import hotswap_adapter, is_spectral_adapter, prepare_model_for_compiled_hotswap
 from .tuner.layer import SpectralLayer, SpectralLinear
 from .tuner.model import (
     SpectralModel,
@@ -32,11 +39,15 @@ from .tuner.model import (
 register(SpectralConfig, SpectralModel)
 install_patches(push_to_hub, is_spectral_model, (guard_peft_from_pretrained, guard_peft_load_adapter,
                                                  guard_transformers_load_adapter))
+install_mixed_model_support(SpectralConfig, SpectralModel, SpectralLayer)
+install_hotswap_route(hotswap_adapter, is_spectral_adapter)
 
 # Modules that moved into the subpackages keep their old import paths (``import hf_spectral.layer``,
 # ``from hf_spectral.ecosystem.hub import ...``): the same module objects under both names.
 _MOVED = {
     "config": "tuner.config", "model": "tuner.model", "layer": "tuner.layer", "quantized": "tuner.quantized",
+    "dropout": "tuner.dropout", "embedding_conv": "tuner.embedding_conv", "expert_parameters": "tuner.expert_parameters",
+    "hotswap": "tuner.hotswap",
     "bases": "transforms.bases", "dct": "transforms.dct", "fft_tables": "transforms.fft_tables",
     "layouts": "transforms.layouts", "coefficient_space": "transforms.coefficient_space",
     "index_codec": "transforms.index_codec", "stable_random": "transforms.stable_random",
@@ -68,7 +79,9 @@ __all__ = [
     "bases",
     "dct",
     "describe_compute_paths",
+    "hotswap_adapter",
     "layouts",
+    "prepare_model_for_compiled_hotswap",
     "set_compute_path",
     "set_path_tuning",
     "set_weight_cache",

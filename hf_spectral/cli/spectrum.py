@@ -135,7 +135,7 @@ def _plot(results: list[tuple[str, dict]], title: str, out: str, max_panels: int
     try:
         import matplotlib
     except ImportError:
-        raise CLIError("spectrum needs matplotlib: pip install 'hf-spectral[recipes]' (or matplotlib).") from None
+        raise CLIError("spectrum needs matplotlib: pip install matplotlib (in a checkout: pip install -e '.[recipes]').") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

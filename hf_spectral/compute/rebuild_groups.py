@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..transforms.coefficient_space import group_key, group_to_matrix
+from ..tuner import dropout
 from .functions import transform_dtype
 
 try:  # FSDP2 (fully_shard) holds parameters as DTensors
@@ -88,6 +89,8 @@ def _request(layer) -> Optional[tuple]:
     """(adapter, space, coefficients, base weight or None, scaling, compute dtype) if the layer's next training
     forward may rebuild a merged weight (``auto``, ``dense`` or ``sampled``: the path is chosen in the forward),
     else None."""
+    if not getattr(layer, "batched_rebuilds", False) or dropout.applies(layer):  # another kind of layer, or an
+        return None  # update computed on its own input (dropout.py): no merged weight to build ahead
     if layer.disable_adapters or layer.merged or layer.quantization_backend is not None or not layer.training:
         return None
     active = [a for a in layer.active_adapters if a in layer.spectral_coefficients]

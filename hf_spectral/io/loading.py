@@ -143,6 +143,10 @@ def module_shape(module: nn.Module) -> Optional[tuple[int, int]]:
         return module.nf, module.nx
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
+    from ..tuner.embedding_conv import matrix_shape
+
+    if matrix_shape(module) is not None:  # nn.Embedding, nn.Conv1d/2d/3d: the weight read as a matrix
+        return matrix_shape(module)
     from ..tuner import quantized
 
     if quantized.is_quantized(module):  # HQQ and others that are not nn.Linear
@@ -211,7 +215,7 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
 
     weights, header, get_tensor = _read_weights(folder)
     shapes = {name: tuple(shape) for name, shape in (config.layer_shapes or {}).items()}
-    if not shapes:
+    if not shapes and not getattr(config, "target_parameters", None):  # parameters alone record no layers
         raise _problem(
             os.path.join(folder, CONFIG_NAME), "has no layer_shapes, so its layers cannot be checked against the model.",
             "Re-save the adapter with hf_spectral to record them.",

@@ -39,6 +39,13 @@ MODE_TEXT = {
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
+# hf-spectral is not on PyPI: it installs from a checkout or from its git repository
+INSTALL = (
+    "Install hf-spectral (it is not on PyPI) from a checkout of its repository, `pip install -e .`, or straight "
+    "from git: `pip install \"hf-spectral @ git+https://github.com/<OWNER>/hf_spectral.git\"`, where "
+    "`<OWNER>/hf_spectral` is a placeholder for the repository you got it from."
+)
+
 
 def _is_hub_id(name: Optional[str]) -> bool:
     return bool(name) and _REPO_ID.match(name) is not None and not os.path.exists(name)
@@ -139,7 +146,9 @@ def render_model_card(
         "",
         "## How to load it",
         "",
-        "`pip install hf-spectral`, then `import hf_spectral` first: it registers the `spectral` method with PEFT, "
+        INSTALL,
+        "",
+        "Then `import hf_spectral` first: it registers the `spectral` method with PEFT, "
         "which has no plugin discovery (an installed hf-spectral also registers itself when PEFT is imported, "
         "but the explicit import works everywhere). Without it PEFT fails with `KeyError: 'SPECTRAL'`.",
         "",

@@ -25,7 +25,7 @@ from ..compute.functions import matrix, transform_dtype
 from ..compute.weight_cache import WeightCache
 from ..transforms.coefficient_space import TRANSFORMS, CoefficientSpace, make_space
 from ..transforms.layouts import DATA_DEPENDENT_LAYOUTS
-from . import quantized
+from . import dropout, quantized
 
 COMPUTE_PATHS = dispatch.PATHS
 
@@ -39,6 +39,7 @@ class AdapterSettings:
     seed: int
     scaling: float
     block: Optional[tuple[int, int]]  # (p, q) for the lowfreq layout, else None
+    dropout: float = 0.0  # delta mode: dropout on the update's input while training (dropout.py)
 
 
 class SpectralLayer(BaseTunerLayer):
@@ -80,10 +81,16 @@ class SpectralLayer(BaseTunerLayer):
             self.in_features, self.out_features = base_layer.nx, base_layer.nf
         elif self.quantization_backend is not None:
             self.in_features, self.out_features = quantized.features(base_layer)
+        elif self._matrix_shape(base_layer) is not None:  # a weight read as a matrix (embedding_conv.py)
+            self.out_features, self.in_features = self._matrix_shape(base_layer)
         else:
             raise TypeError(
                 f"Spectral layers wrap torch.nn.Linear and transformers' Conv1D, not {type(base_layer).__name__}."
             )
+
+    def _matrix_shape(self, base_layer: nn.Module) -> Optional[tuple[int, int]]:
+        """(out, in) of a base layer whose weight is read as a matrix; None here (subclasses for other modules)."""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # creating an adapter
@@ -143,7 +150,8 @@ class SpectralLayer(BaseTunerLayer):
         elif space.block is None:
             self.spectral_fixed_indices[adapter_name] = space.indices.to(device)
         self.spectral_settings[adapter_name] = AdapterSettings(
-            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block
+            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block,
+            dropout=float(getattr(config, "spectral_dropout", 0.0)),
         )
         self._spaces.pop(adapter_name, None)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -217,8 +225,18 @@ class SpectralLayer(BaseTunerLayer):
             )
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True for a delta adapter. ``peft.convert_to_lora`` asks each layer this before converting; a replace-mode
+        layer raises instead of answering False, so the user reads what to do rather than PEFT's generic "do not
+        support LoRA conversion". The model-wide question (``SpectralModel.supports_lora_conversion``) answers."""
         settings = self.spectral_settings.get(adapter_name)
-        return settings is not None and settings.mode == "delta"
+        if settings is not None and settings.mode == "replace":
+            raise TypeError(
+                f"Adapter {adapter_name!r} is a replace-mode spectral adapter: its layers hold the weight itself, not "
+                "an update of a base weight, so no LoRA adapter can express it (peft.convert_to_lora and save_as_lora "
+                "convert delta adapters only). To serve it, merge it first: model.merge_and_unload() returns a plain "
+                "transformers model with the rebuilt dense weights, which any server loads."
+            )
+        return settings is not None
 
     # ----------------------------------------------------------------------------------------------
     # the evaluation-time weight cache
@@ -288,6 +306,8 @@ class SpectralLayer(BaseTunerLayer):
 
 class SpectralLinear(nn.Module, SpectralLayer):
     """A spectral adapter around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    batched_rebuilds = True  # same-shape layers' merged weights may be built together (rebuild_groups.py)
 
     def __init__(
         self,
@@ -477,6 +497,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.compute_path not in COMPUTE_PATHS:
             raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
+        if dropout.applies(self, active):  # base(x) + update(dropout(x)), as LoRA computes it
+            return dropout.forward(self, x, active, *args, **kwargs)
         if self.quantization_backend is not None:  # the quantized kernel plus the update; no weight cache
             return quantized.forward(self, x, active, *args, **kwargs)
 

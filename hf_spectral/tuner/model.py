@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTuner, BaseTunerLayer
@@ -36,8 +35,9 @@ from ..io.loading import (
 )
 from ..transforms.index_codec import decode as decode_indices
 from ..transforms.layouts import validate_indices
-from . import quantized
+from . import embedding_conv, quantized
 from .config import SpectralConfig
+from .expert_parameters import ParamWrapper
 from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 
 __all__ = [
@@ -159,6 +159,18 @@ class SpectralModel(BaseTuner):
     tuner_layer_cls = SpectralLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``peft.convert_to_lora`` can convert this model: every spectral layer holds a delta adapter.
+
+        A question, so it answers False for replace mode, where a layer asked directly (as the converter does)
+        raises an error that says to merge instead."""
+        def converts(layer) -> bool:  # asked only of delta layers, which answer rather than raise
+            settings = layer.spectral_settings.get(adapter_name)
+            return settings is not None and settings.mode == "delta" and layer.supports_lora_conversion(adapter_name)
+
+        layers = [layer for _, layer in spectral_layers(self.model)]
+        return bool(layers) and all(converts(layer) for layer in layers)
+
     # ----------------------------------------------------------------------------------------------
     # checks before anything is changed
 
@@ -200,25 +212,32 @@ class SpectralModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        if kwargs.get("parameter_name") is not None:  # PEFT's target_parameters (expert_parameters.py)
+            return self._create_and_replace_parameter(
+                config, adapter_name, target, target_name, parent, current_key, parameter_name=kwargs["parameter_name"]
+            )
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         # transformers tags every parameter it loads from a checkpoint; weights built by from_config are untagged
         from_pretrained = bool(getattr(getattr(base, "weight", None), "_is_hf_initialized", False))  # HQQ has no weight
         if isinstance(target, SpectralLayer):
             target.update_layer(adapter_name, config, current_key, from_pretrained)
             return
+        if embedding_conv.handles(base):  # nn.Embedding and convolutions: a weight read as a matrix
+            new_module = embedding_conv.create(target, adapter_name, config, current_key, from_pretrained, self.model)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            return
         if not isinstance(base, (nn.Linear, Conv1D)) and not quantized.is_quantized(base):
             raise TypeError(
                 f"Target module {current_key!r} is a {type(base).__name__}; spectral layers replace torch.nn.Linear "
-                "(plain or quantized: bitsandbytes, torchao, HQQ, ...) and transformers' Conv1D. Remove it from "
+                "(plain or quantized: bitsandbytes, torchao, HQQ, ...), transformers' Conv1D, nn.Embedding and "
+                "nn.Conv1d/2d/3d (delta mode). Remove it from "
                 "target_modules (or add it to exclude_modules)."
             )
-        if config.fan_in_fan_out != isinstance(base, Conv1D):
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not match {current_key!r} ({type(base).__name__}); "
-                f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout.",
-                stacklevel=2,
-            )
-            config.fan_in_fan_out = isinstance(base, Conv1D)
+        # Each layer reads its layout off its base (Conv1D stores (in, out)), whatever the config says, so a
+        # mismatch is not the user's to fix: record what the layer is, as LoRA does, and say nothing.
+        config.fan_in_fan_out = isinstance(base, Conv1D)
         new_module = SpectralLinear(
             target, adapter_name, config, current_key, from_pretrained, **quantized.layer_kwargs(self.model)
         )
@@ -226,10 +245,21 @@ class SpectralModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _create_and_replace_parameter(
+        self, config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
+        if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
+            target.update_layer(adapter_name, config, current_key)  # another adapter on a wrapped parameter
+            return
+        new_module = ParamWrapper(target, adapter_name, parameter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Unloading puts the base layer back as it is. PEFT's version copies child.weight onto it, which a
         # quantized base without a `weight` (HQQLinear, swapped in by a merge) does not have.
-        if isinstance(child, SpectralLayer) and new_module is child.get_base_layer():
+        if isinstance(child, (SpectralLayer, ParamWrapper)) and new_module is child.get_base_layer():
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
@@ -372,6 +402,8 @@ class SpectralModel(BaseTuner):
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
         configs = [self.peft_config[name] for name in adapters]
+        if any(config.target_parameters for config in configs):
+            raise ValueError("add_weighted_adapter does not combine adapters with target_parameters; merge them one by one.")
         if any(config.mode != "delta" for config in configs):
             raise ValueError("Only delta-mode adapters can be combined: a replace-mode adapter is the weight itself.")
         fields = ("layout", "basis", "seed", "n_coefficients", "coefficient_fraction", "budget_pattern",
@@ -430,6 +462,8 @@ class SpectralModel(BaseTuner):
             raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}.")
         if self.training:
             raise ValueError("adapter_names is for inference: call model.eval() first (mixed batches do not train).")
+        if any(isinstance(module, ParamWrapper) for module in self.model.modules()):
+            raise ValueError("adapter_names (mixed batches) is not supported with target_parameters.")
         replace = self._replace_adapter_names()
         if replace:
             raise ValueError(

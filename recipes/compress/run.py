@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from recipes.common import quiet_loading
 from recipes.common.machine import cpu_name
 from recipes.common.profiles import parse_overrides, read_yaml
 from recipes.finetune.data import resolve_model
@@ -177,6 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--stage", default="all", choices=("all", "compress", "heal", "audit"))
     parser.add_argument("--only", default="", help="comma-separated method names: run only these (compress stage)")
     args = parser.parse_intermixed_args(argv)
+    quiet_loading()
     profile = load_profile(args.profile, args.overrides)
     torch.manual_seed(0)
     recipe = Recipe(profile, Path(args.results))
