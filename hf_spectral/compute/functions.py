@@ -102,7 +102,7 @@ class ScatteredSpectral(torch.autograd.Function):
         transform = values.dtype
         scaled = values * scaling if scaling != 1.0 else values
         xd_t = space.analyse(x.to(transform), "in", space.n, "fft", transpose=True)  # n x T
-        update = space.synthesise((space.sparse_matrix(scaled) @ xd_t).T, "out", "fft")  # T x m, contiguous
+        update = space.synthesise(space.sparse_product(scaled, xd_t).T, "out", "fft")  # T x m, contiguous
         if base_weight is None:
             y = update.to(x.dtype)
         else:
@@ -123,13 +123,13 @@ class ScatteredSpectral(torch.autograd.Function):
         space = ctx.space
         grad = grad.contiguous()
         grad_x = grad_values = grad_base = grad_bias = None
-        gd_t = space.analyse(grad.to(scaled.dtype), "out", space.m, "fft", transpose=True)  # m x T
+        gd_t = space.analyse(grad.to(scaled.dtype), "out", space.m, "fft", transpose=True, scratch=True)  # m x T
         if ctx.needs_input_grad[1]:
             grad_values = space.sampled_product(gd_t, xd_t.T)
             if ctx.scaling != 1.0:
                 grad_values.mul_(ctx.scaling)
         if ctx.needs_input_grad[0]:
-            update = space.synthesise((space.sparse_matrix(scaled, transposed=True) @ gd_t).T, "in", "fft")  # T x n
+            update = space.synthesise(space.sparse_product(scaled, gd_t, transposed=True).T, "in", "fft")  # T x n
             if base_weight is None:
                 grad_x = update.to(grad.dtype)
             else:
