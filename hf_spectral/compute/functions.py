@@ -220,12 +220,14 @@ def coefficient_grad(space, grad_2d, x_2d, grad_method, weight_method, dtype):
     total = None
     for start in range(0, tokens, chunk):
         g, x = grad_2d[start : start + chunk].to(dtype), x_2d[start : start + chunk].to(dtype)
+        # both transforms are read once, right away: scratch buffers (see CoefficientSpace.analyse)
         if space.block is not None:
             p, q = space.block
-            part = (space.analyse(g, "out", p, method_out).T @ space.analyse(x, "in", q, method_in)).reshape(-1)
+            gd, xd = space.analyse(g, "out", p, method_out, scratch=True), space.analyse(x, "in", q, method_in, scratch=True)
+            part = (gd.T @ xd).reshape(-1)
         else:
-            gd_t = space.analyse(g, "out", space.m, method_out, transpose=True)
-            xd_t = space.analyse(x, "in", space.n, method_in, transpose=True)
+            gd_t = space.analyse(g, "out", space.m, method_out, transpose=True, scratch=True)
+            xd_t = space.analyse(x, "in", space.n, method_in, transpose=True, scratch=True)
             part = space.sampled_product(gd_t, xd_t.T)
         total = part if total is None else total.add_(part)
         del g, x, part
