@@ -102,6 +102,9 @@ def dct_lastdim(
     """
     n = x.shape[-1]
     keep = n if keep is None else keep
+    if x.numel() == 0:  # no rows (an empty batch): the FFT libraries refuse a zero batch
+        y = x.new_zeros(*x.shape[:-1], keep)
+        return y.transpose(-1, -2).contiguous() if transpose else y
     if x.is_cuda and triton_kernels.usable(x):
         return triton_kernels.dct_lastdim(x, keep, transpose)
     half = n // 2 + 1
@@ -140,6 +143,8 @@ def idct_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """
     q = coeffs.shape[-1]
     n = q if n is None else n
+    if coeffs.numel() == 0:  # no rows (an empty batch): the FFT libraries refuse a zero batch
+        return coeffs.new_zeros(*coeffs.shape[:-1], n)
     half = n // 2 + 1
     tw = fft_tables.scaled_twiddle(n, True, coeffs.dtype, coeffs.device)
     scratch = uses_scratch(coeffs)

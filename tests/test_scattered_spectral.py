@@ -137,3 +137,15 @@ def test_the_spectral_path_through_a_transformers_model_equals_the_dense_path(fa
     torch.testing.assert_close(results["spectral"][0], results["dense"][0], **TOLERANCE)
     for name, grad in results["dense"][1].items():
         torch.testing.assert_close(results["spectral"][1][name], grad, **TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize("block", [None, (2, 5)])
+def test_every_path_takes_an_empty_batch(block):
+    space = CoefficientSpace(6, 8, "dct", 0, block=block) if block else _space(6, 8, 10)
+    for path in dispatch.available_paths(space, "delta"):
+        values = torch.randn(space.k, requires_grad=True)
+        x = torch.zeros(2, 0, 8, requires_grad=True)
+        y = dispatch.run_path(path, x, values, space, base_weight=torch.randn(6, 8), bias=torch.randn(6), scaling=2.0)
+        y.sum().backward()
+        assert y.shape == (2, 0, 6) and x.grad.shape == x.shape, path
+        assert torch.equal(values.grad, torch.zeros(space.k)), path

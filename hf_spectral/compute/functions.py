@@ -214,6 +214,8 @@ def coefficient_grad(space, grad_2d, x_2d, grad_method, weight_method, dtype):
         return space.from_matrix((grad_2d.T @ x_2d).to(dtype), weight_method)
     # sum over token chunks of DCT_m(g)^T DCT_n(x) at the K positions
     tokens = grad_2d.shape[0]
+    if tokens == 0:  # an empty batch
+        return grad_2d.new_zeros(space.k, dtype=dtype)
     chunk = sampled_chunk(space, tokens)
     method_out = space.activation_method("out", space.block[0] if space.block else space.m, grad_2d.device, chunk)
     method_in = space.activation_method("in", space.block[1] if space.block else space.n, x_2d.device, chunk)
