@@ -11,7 +11,8 @@ Per shape (out x in = m x n) and token count T, one forward + backward with the 
 - ``delta random K=1000 [path]``: the default spectral delta with each path forced (``dense``, ``sampled``,
   ``spectral``), and ``spectral (composed)``: the ``spectral`` maths as three autograd pieces, the way the path
   ran before it was one fused function;
-- ``transforms alone``: the four FFT transforms the spectral path runs (DCT_n(x), IDCT_m, DCT_m(g), IDCT_n);
+- ``transforms alone``: the four FFT transforms the spectral path runs (DCT_n(x), IDCT_m, DCT_m(g), IDCT_n),
+  and ``their FFTs alone``: the real FFTs inside them, without the passes around them (reorder, twiddle, gathers);
 - ``traffic bound``: the bytes those four must move at least (each reads its input and writes its output
   once, 8 bytes per float32 element: 8 T (2m + 2n)) at the bandwidth of a copy of a T x max(m, n) float32
   tensor, timed in the same run; ``floor`` = frozen linear + traffic bound, what an exact spectral layer
@@ -120,6 +121,18 @@ def build_cases(m: int, n: int, tokens: int) -> tuple[list[Case], dict]:
             space.synthesise(x_plain, "in", "fft")
 
     cases.append(Case("transforms alone (4)", transforms))
+
+    # the four FFTs inside them, into kept buffers: what the FFT library itself costs
+    spectra = {size: torch.empty(tokens, size // 2 + 1, dtype=torch.complex64) for size in (m, n)}
+    signals = {size: torch.empty(tokens, size) for size in (m, n)}
+    real_in = {n: x_plain, m: coefficients}
+
+    def ffts():
+        for size in (n, m):
+            torch.fft.rfft(real_in[size], dim=-1, out=spectra[size])
+            torch.fft.irfft(spectra[size], n=size, dim=-1, out=signals[size])
+
+    cases.append(Case("their FFTs alone (4)", ffts))
 
     size = max(m, n)
     source, target = torch.randn(tokens, size), torch.empty(tokens, size)
