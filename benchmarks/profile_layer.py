@@ -36,8 +36,9 @@ from torch import nn
 
 from hf_spectral import SpectralConfig
 from hf_spectral.compute import functions
+from recipes.common.machine import cpu_name
 
-from .common import Case, _cpu_name, markdown_table, time_interleaved
+from .common import Case, markdown_table, time_interleaved
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]
 TOKENS = [128, 512, 2048]
@@ -61,7 +62,7 @@ def machine_name() -> str:
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    return _cpu_name()
+    return cpu_name()
 
 
 def _frozen_linear(m: int, n: int) -> nn.Linear:
@@ -141,6 +142,10 @@ def build_cases(m: int, n: int, tokens: int) -> tuple[list[Case], dict]:
     return cases, traffic
 
 
+def _ratios(ms: float, linear: float, lora: float) -> dict:
+    return {"x_linear": ms / linear, "x_lora": ms / lora}
+
+
 def run(shapes, token_counts, repeats: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
@@ -153,10 +158,13 @@ def run(shapes, token_counts, repeats: int, threads: int) -> list[dict]:
             bandwidth = traffic["copy_bytes"] / (copy["median_ms"] * 1e-3)
             bound_ms = traffic["transform_bytes"] / bandwidth * 1e3
             linear, lora = summaries["frozen nn.Linear"]["median_ms"], summaries["LoRA r=8"]["median_ms"]
-            for name, s in summaries.items():
-                rows.append({"m": m, "n": n, "tokens": tokens, "threads": threads, **s, "x_linear": s["median_ms"] / linear, "x_lora": s["median_ms"] / lora})
-            rows.append({"m": m, "n": n, "tokens": tokens, "threads": threads, "name": "traffic bound (4 transforms)", "median_ms": bound_ms, "bandwidth_gb_s": bandwidth / 1e9})
-            rows.append({"m": m, "n": n, "tokens": tokens, "threads": threads, "name": "floor: frozen linear + traffic bound", "median_ms": linear + bound_ms, "x_linear": (linear + bound_ms) / linear, "x_lora": (linear + bound_ms) / lora})
+            where = {"m": m, "n": n, "tokens": tokens, "threads": threads}
+            for s in summaries.values():
+                rows.append({**where, **s, **_ratios(s["median_ms"], linear, lora)})
+            bound = {"name": "traffic bound (4 transforms)", "median_ms": bound_ms, "bandwidth_gb_s": bandwidth / 1e9}
+            rows.append({**where, **bound})
+            floor = {"name": "floor: frozen linear + traffic bound", "median_ms": linear + bound_ms}
+            rows.append({**where, **floor, **_ratios(linear + bound_ms, linear, lora)})
             print(f"  {m}x{n} T={tokens} threads={threads} done", flush=True)
     return rows
 
@@ -165,8 +173,14 @@ def table(rows: list[dict]) -> str:
     headers = ["shape", "T", "threads", "case", "median ms", "min-max ms", "x frozen linear", "x LoRA r=8"]
     body = []
     for r in rows:
-        spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}" if "min_ms" in r else (f"{r['bandwidth_gb_s']:.1f} GB/s copy" if "bandwidth_gb_s" in r else "")
-        body.append([f"{r['m']}x{r['n']}", r["tokens"], r["threads"], r["name"], f"{r['median_ms']:.2f}", spread, f"{r['x_linear']:.2f}" if "x_linear" in r else "", f"{r['x_lora']:.2f}" if "x_lora" in r else ""])
+        if "min_ms" in r:
+            spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
+        else:
+            spread = f"{r['bandwidth_gb_s']:.1f} GB/s copy" if "bandwidth_gb_s" in r else ""
+        x_linear = f"{r['x_linear']:.2f}" if "x_linear" in r else ""
+        x_lora = f"{r['x_lora']:.2f}" if "x_lora" in r else ""
+        shape = f"{r['m']}x{r['n']}"
+        body.append([shape, r["tokens"], r["threads"], r["name"], f"{r['median_ms']:.2f}", spread, x_linear, x_lora])
     return markdown_table(headers, body)
 
 
