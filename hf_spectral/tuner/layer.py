@@ -189,8 +189,11 @@ class SpectralLayer(BaseTunerLayer):
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}.")
         settings = self.spectral_settings[adapter]
         indices = None if settings.block is not None else self._indices(adapter)
-        key = None if indices is None else (id(indices), indices._version, indices.device)
         cached = self._spaces.get(adapter)
+        if torch.compiler.is_compiling() and cached is not None and (indices is None or cached[0][0] == id(indices)):
+            # a traced tensor's version is a symbolic value: comparing two of them is a graph break
+            return cached[1]
+        key = None if indices is None else (id(indices), indices._version, indices.device)
         if cached is None or cached[0] != key:
             space = CoefficientSpace(self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices)
             cached = self._spaces[adapter] = (key, space)
