@@ -162,3 +162,4 @@ def _watch_for_peft() -> None:
 
 
 _watch_for_peft()
+importlib.import_module(".mixing.auto", __name__).watch()  # mixer models: AutoConfig / AutoModelForCausalLM
