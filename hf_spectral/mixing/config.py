@@ -24,7 +24,9 @@ class SpectralMixingConfig:
     n_atoms: int | None = field(
         default=None,
         metadata={"help": "K, atoms per layer. None: the K whose mixer has the parameter count of the attention it replaces "
-                  "(4 d K weights: K = d for GPT-2). The recurrent state per layer is K complex numbers."},
+                  "(4 d K weights and 3 K (+ 3 K + d biases) against 4 d^2 (+ 4 d): K = d - 1 for GPT-2 and for a "
+                  "Llama without grouped key/value heads, fewer with them). The recurrent state per layer is K "
+                  "complex numbers."},
     )
     min_half_life: float = field(
         default=1.0,
