@@ -120,31 +120,34 @@ class SpectralMixer(nn.Module):
             mixed = atoms.causal_mix(u, log_a, state)
             read = (mixed * torch.polar(torch.ones_like(self.phase.float()), self.phase.float())).real
             coefficients = _GATES[self.mixing_config.gate](pre_coefficients.float())
-            output = self.output_dropout(self.out_proj(self.mix_dropout(coefficients * read).to(hidden_states.dtype)))
+            synthesis = self.out_proj(self.mix_dropout(coefficients * read).to(hidden_states.dtype))
+            output = self.output_dropout(synthesis)
         if slot is not None:
             slot.store(mixed[:, -1], length)
-        self._auxiliary_terms(hidden_states, written, pre_coefficients, valid)
+        self._auxiliary_terms(hidden_states, synthesis, coefficients, valid)
         return output, None
 
-    def _auxiliary_terms(self, hidden_states, written, pre_coefficients, valid) -> None:
+    def _auxiliary_terms(self, hidden_states, synthesis, coefficients, valid) -> None:
+        """The paper's terms on what the mixer computed: its input sequence h, rebuilt as the synthesis
+        ``W_o (c_t * Re(e^{i theta} sum_s a^(t-s) u_s))`` through the atoms and the coefficients it uses, and the
+        gated read coefficients c_t (the mixing vectors of that synthesis) under the Gaussian-mixture prior."""
         cfg = self.mixing_config
         self.last_terms = {}
         if not (self.training or self.record_terms):
             return
-        want_recon = cfg.reconstruction_weight > 0 or cfg.stft_weight > 0 or self.record_terms
-        if want_recon:
-            target = hidden_states.float()
-            bias = self.in_proj.bias.float() if self.in_proj.bias is not None else 0.0
-            # synthesis with the transpose of the analysis map: the embedding rebuilt from its own mixing vector
-            rebuilt = (written.float() - bias) @ self.in_proj.weight.float()
-            if cfg.reconstruction_weight > 0 or self.record_terms:
-                self.last_terms["reconstruction"] = losses.reconstruction_error(target, rebuilt, valid)
-            if cfg.stft_weight > 0 or self.record_terms:
-                self.last_terms["stft"] = losses.stft_magnitude_error(target, rebuilt, cfg.stft_window)
+        target, rebuilt = hidden_states.float(), synthesis.float()
+        if cfg.reconstruction_weight > 0 or self.record_terms:
+            self.last_terms["reconstruction"] = losses.reconstruction_error(target, rebuilt, valid)
+        if cfg.stft_weight > 0 or self.record_terms:
+            self.last_terms["stft"] = losses.stft_magnitude_error(target, rebuilt, cfg.stft_window, valid)
         if hasattr(self, "prior_means"):
             self.last_terms["prior"] = losses.gmm_negative_log_likelihood(
-                pre_coefficients.float(), self.prior_means, self.prior_log_scales, self.prior_logits, valid
+                coefficients, self.prior_means, self.prior_scales(), self.prior_logits, valid
             )
+
+    def prior_scales(self) -> torch.Tensor:
+        """The mixture's standard deviations: ``prior_min_scale + exp(prior_log_scales)``, never below the floor."""
+        return self.mixing_config.prior_min_scale + torch.exp(self.prior_log_scales)
 
 
 def _valid_tokens(attention_mask, batch: int, length: int) -> torch.Tensor | None:
