@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from itertools import pairwise
 from pathlib import Path
 
 ORDER = {"attention": 0, "mixer": 1, "mixer_spectral": 2}
@@ -116,7 +117,7 @@ def interpolate(curve: list[list[float]], seconds: float) -> float | None:
     points = [(p[2], p[1]) for p in curve if len(p) > 2]
     if not points or seconds < points[0][0]:
         return None
-    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+    for (t0, v0), (t1, v1) in pairwise(points):
         if t0 <= seconds <= t1:
             return v0 + (v1 - v0) * (seconds - t0) / (t1 - t0) if t1 > t0 else v1
     return points[-1][1]
