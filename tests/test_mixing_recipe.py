@@ -52,7 +52,7 @@ def test_smoke_run_writes_its_record_and_follows_the_pinned_losses(tmp_path, arm
     assert record["parameters"]["total"] > 0 and record["tokens"] == 6 * 4 * 32
     assert [tokens for tokens, _, _ in record["val_curve"]] == [3 * 4 * 32, 6 * 4 * 32]
     seconds = [s for _, _, s in record["val_curve"]]
-    assert 0 < seconds[0] < seconds[1] == pytest.approx(record["train_seconds"], abs=0.2)
+    assert 0 <= seconds[0] <= seconds[1] <= record["train_seconds"] + 0.1  # training time so far, rounded to 0.1 s
     assert record["best_val_loss"] == min(v for _, v, _ in record["val_curve"])
 
 
