@@ -195,3 +195,23 @@ def test_every_import_order_registers_the_mixer_types(first):
     # transformers' Auto modules, peft and hf_spectral import one another: registration must land in each order
     out = _run(f"{first}; {REGISTERED}", PYTHONWARNINGS="error::UserWarning")
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_push_to_hub_and_load_by_repo_id_with_revision_dtype_and_device_map(tmp_path):
+    from ecosystem_utils import TESTS_DIR, run_checked, subprocess_env
+    from hub_server import LocalHub
+
+    hub = LocalHub().start()
+    try:
+        env = subprocess_env(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+                             HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_local_test_token")
+        result = run_checked([sys.executable, str(TESTS_DIR / "mixing_hub_client.py")], timeout=240, env=env)
+        results = json.loads(result.stdout.strip().splitlines()[-1])
+        card = hub.files["test-org/tiny-mixer"]["README.md"].decode()
+    finally:
+        hub.stop()
+    assert hub.unhandled == []
+    assert results == {"class": "SpectralMixingGPT2LMHeadModel", "max_abs_diff": 0.0,
+                       "bf16_linear": "torch.bfloat16", "bf16_dictionary": "torch.float32"}
+    assert "SpectralMixingGPT2LMHeadModel" in card and "automatically generated" not in card
