@@ -1,52 +1,63 @@
 """Registers hf_spectral with PEFT as soon as PEFT is imported, so that a saved spectral adapter
-loads with ``PeftModel.from_pretrained`` even in a program that never imports hf_spectral; and its
-spectral-mixer model types with transformers' ``AutoConfig`` / ``AutoModelForCausalLM`` as soon as
-transformers loads those (``hf_spectral.mixing.auto``), so a saved mixer model loads the same way.
+loads with ``PeftModel.from_pretrained`` (or ``AutoPeftModel``, or transformers' ``load_adapter``) even in a
+program that never imports hf_spectral.
+
+It also tells transformers' ``AutoConfig`` where hf_spectral's spectral-mixer model types live, as soon as
+transformers loads ``configuration_auto``, so ``AutoModelForCausalLM.from_pretrained`` and ``pipeline`` load a
+saved mixer model too (:func:`_add_mixer_config_entries`; nothing of hf_spectral is imported until such a
+model is loaded).
 
 PEFT has no plugin discovery: without this, loading fails with ``KeyError('SPECTRAL')``.
 The installed ``hf_spectral_autoload.pth`` imports this module at interpreter start. It costs
-nothing until ``peft`` is imported (no torch, no peft imported here), and it steps aside after
-that. Set ``HF_SPECTRAL_AUTOLOAD=0`` to turn it off (then ``import hf_spectral`` yourself).
-
-``import hf_spectral`` uses the same hook (:func:`watch_for_peft`), whatever the variable says:
-the package imports nothing heavy itself, and registers right after ``peft`` finishes importing.
+nothing until ``peft`` is imported (no torch, no peft imported here): then it imports hf_spectral, whose
+import registers the method, and steps aside. Set ``HF_SPECTRAL_AUTOLOAD=0`` to turn it off (then
+``import hf_spectral`` yourself).
 """
 
-import functools
 import importlib
 import importlib.abc
 import os
 import sys
+import types
 import warnings
 
 _TRIGGER = "peft"
-# transformers' Auto modules -> the function of hf_spectral.mixing.auto that registers the mixer configs after them
-_MIXER_TRIGGERS = {
-    "transformers.models.auto.configuration_auto": "register_configs_when_ready",
-    "transformers.models.auto.modeling_auto": "register_configs_after_modeling_auto",
+_CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
+# the mixer model types (hf_spectral.mixing.configuration) -> their config class names
+_MIXER_CONFIGS = {
+    "hf_spectral_mixing_gpt2": "SpectralMixingGPT2Config",
+    "hf_spectral_mixing_llama": "SpectralMixingLlamaConfig",
 }
 
 
 def _register() -> None:
-    """Import hf_spectral and register it with PEFT (idempotent)."""
-    package = importlib.import_module("hf_spectral")
-    register = getattr(package, "register_with_peft", None)
-    if register is not None:  # an hf_spectral that imports peft eagerly has registered on import
-        register()
-    if any(trigger in sys.modules for trigger in _MIXER_TRIGGERS):  # skipped while peft was importing
-        _register_mixer("register_configs_when_ready", peft_complete=True)
+    """Import hf_spectral: its import registers it with PEFT. Mid-way through ``import hf_spectral`` itself
+    (which imports peft) this finds the package in ``sys.modules`` and leaves the registration to it."""
+    importlib.import_module("hf_spectral")
 
 
-def _register_mixer(function: str, peft_complete: bool = False) -> None:
-    peft = sys.modules.get(_TRIGGER)
-    if not peft_complete and peft is not None and getattr(peft.__spec__, "_initializing", False):
-        return  # inside `import peft` (which imports transformers): its hook registers once peft is complete
-    getattr(importlib.import_module("hf_spectral.mixing.auto"), function)()
+class _MixerConfigModule(types.ModuleType):
+    """Stands in ``CONFIG_MAPPING``'s module cache for hf_spectral.mixing.configuration: imported on first lookup."""
+
+    def __getattr__(self, name):
+        auto = importlib.import_module("hf_spectral.mixing.auto")
+        auto.register_configs()  # the real registration (AutoConfig.register), now that transformers is loaded
+        return getattr(importlib.import_module("hf_spectral.mixing.configuration"), name)
+
+
+def _add_mixer_config_entries(configuration_auto=None) -> None:
+    """Put the mixer model types in ``AutoConfig``'s table by name, importing nothing: transformers is still
+    importing itself when this runs, and hf_spectral imports PEFT, which imports transformers."""
+    configuration_auto = configuration_auto or sys.modules[_CONFIGURATION_AUTO]
+    mapping = configuration_auto.CONFIG_MAPPING  # a _LazyConfigMapping: names, and a cache of their modules
+    for model_type, class_name in _MIXER_CONFIGS.items():
+        mapping._mapping.setdefault(model_type, class_name)
+        module_name = configuration_auto.model_type_to_module_name(model_type)
+        mapping._modules.setdefault(module_name, _MixerConfigModule("hf_spectral.mixing.configuration"))
 
 
 class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
-    """Wraps the loader of ``peft`` (or of another ``trigger`` module) so that registration runs once its
-    module has finished executing.
+    """Wraps the loader of ``peft`` (or of ``trigger``) so that ``register`` runs once that module has finished.
 
     A ``find_spec("peft")`` that does not import (transformers' ``is_peft_available`` asks this way) leaves
     the hook in place: only the import that actually executes peft fires it.
@@ -88,29 +99,18 @@ class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
         return spec
 
 
-def watch_for_peft() -> None:
-    """Register now if peft is imported, else as soon as it is (used by ``import hf_spectral``)."""
-    if _TRIGGER in sys.modules:
-        _register()
-    elif not any(isinstance(f, _RegisterAfterPeft) and f.trigger == _TRIGGER for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterPeft())
-
-
-def watch_for_transformers() -> None:
-    """Register the mixer model types with each Auto module now if loaded, else as soon as it is."""
-    for trigger, function in _MIXER_TRIGGERS.items():
-        if trigger in sys.modules:  # loaded, or loading further up this stack (then modeling_auto's hook registers)
-            _register_mixer("register_configs_when_ready")
-        elif not any(isinstance(f, _RegisterAfterPeft) and f.trigger == trigger for f in sys.meta_path):
-            sys.meta_path.insert(0, _RegisterAfterPeft(trigger, functools.partial(_register_mixer, function)))
-
-
 def install() -> None:
     """What the ``.pth`` file runs at interpreter start; ``HF_SPECTRAL_AUTOLOAD=0`` turns it off."""
     if os.environ.get("HF_SPECTRAL_AUTOLOAD", "1") == "0":
         return
-    watch_for_peft()
-    watch_for_transformers()
+    if _TRIGGER in sys.modules:
+        _register()
+    elif not any(isinstance(f, _RegisterAfterPeft) and f.trigger == _TRIGGER for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterPeft())
+    if _CONFIGURATION_AUTO in sys.modules:
+        _add_mixer_config_entries()
+    elif not any(isinstance(f, _RegisterAfterPeft) and f.trigger == _CONFIGURATION_AUTO for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterPeft(_CONFIGURATION_AUTO, _add_mixer_config_entries))
 
 
 install()

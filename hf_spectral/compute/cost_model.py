@@ -5,8 +5,8 @@ Costs are in units of one float32 matmul flop on the device; each term below is 
 path does, with its count of flops or of elements passed over memory. The constants are measured per
 device type (``benchmarks/calibrate.py``) and fitted to forced-path timings (``benchmarks/README.md``).
 The model only ranks paths: every path is exact, so a wrong ranking costs time, never accuracy.
-``auto`` uses it to prune the candidates it times (``autotune.py``) and, under ``torch.compile`` or with
-timing turned off, to choose.
+``auto`` takes its cheapest path unless ``tune_compute_paths`` measured one (``autotune.py``, which uses it
+to prune the candidates it times).
 
 A space passed in here needs only ``m``, ``n``, ``k``, ``block`` and ``basis`` (a
 ``coefficient_space.CoefficientSpace``); this module imports nothing of the package.
@@ -172,13 +172,15 @@ def estimate_costs(
                 cost += small + t_in
             out[path] = cost
     elif space.basis == "dct":
+        # one fused function (functions.ScatteredSpectral): the transforms write the layout the sparse products
+        # read, and the frozen product is accumulated onto the update (no separate sum)
         t_in = transform_cost(costs, t, n, n, "fft")
         t_out = transform_cost(costs, t, m, m, "fft")
-        # the sparse product with S^T, and its layout change
-        sparse = costs.sparse * 2.0 * t * k + costs.elementwise * t * n + 2 * launch
-        cost = base + t_in + sparse + t_out + 3 * _OPS_FUNCTION * launch
+        sparse = costs.sparse * 2.0 * t * k + 2 * launch  # a sparse product with S (or S^T), or the sampled one
+        fused_base = base - (costs.elementwise * t * m + launch) if mode == "delta" else 0.0
+        cost = fused_base + t_in + sparse + t_out + _OPS_FUNCTION * launch
         if backward:
-            cost += t_out + costs.elementwise * t * m
+            cost += t_out  # DCT_m(g), shared by both gradients
         if coefficient_grad:
             cost += sparse
         if input_grad:
