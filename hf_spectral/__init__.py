@@ -74,3 +74,8 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_MODULES))
+
+
+from .mixing.auto import register_configs as _register_mixer_types  # noqa: E402
+
+_register_mixer_types()  # mixer model types with AutoConfig / AutoModelForCausalLM (hf_spectral.mixing.auto)
