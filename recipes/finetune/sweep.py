@@ -173,7 +173,7 @@ def main(argv=None) -> None:
         failures += not result["ok"]
         if result["ok"]:
             shown = {k: round(v, 4) for k, v in result["results"].get("validation", {}).items()
-                     if k in ("accuracy", "perplexity")}
+                     if k in ("accuracy", "perplexity", "exact_match")}
         else:
             shown = result["error"]
         print(f"[{time.time() - started:6.0f}s] {result['arm']} lr={lr:g} seed={seed}: {shown}", flush=True)
