@@ -202,3 +202,20 @@ def test_the_pure_functions_need_the_gradient():
     space = make_space(6, 5, 4, layout="gradient", gradient=gradient)
     spectrum = np.abs(scipy.fft.dctn(gradient.numpy(), norm="ortho")).reshape(-1)
     assert np.array_equal(space.indices.numpy(), np.sort(np.argsort(-spectrum)[:4]))
+
+
+def test_a_saved_gradient_adapter_reads_without_a_model(tmp_path):
+    from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
+
+    model = _gradient_model()
+    hf_spectral.init_gradient_layout(model, _batches(), global_budget=True)
+    with torch.no_grad():
+        for _, layer in spectral_layers(model):
+            layer.spectral_coefficients["default"].normal_(0, 0.01)
+    model.save_pretrained(tmp_path)
+    summary = read_adapter(str(tmp_path))
+    assert all(layer.has_saved_indices for layer in summary.layers)
+    layers = {name.removeprefix("base_model.model."): layer for name, layer in spectral_layers(model)}
+    for record, matrix in layer_matrices(summary):
+        expected = layers[record.name].get_delta_weight("default").double()
+        torch.testing.assert_close(matrix.to(expected.dtype), expected, atol=1e-6, rtol=1e-5)
