@@ -18,7 +18,6 @@ import torch
 
 from .data import load_rotten_tomatoes, shakespeare_text
 
-
 # --------------------------------------------------------------------------------------------------
 # the gradient layout's calibration
 
