@@ -52,7 +52,7 @@ def tiny(tmp_path_factory):
         rows.append({"movie_name": f"movie {movie}", "category": "rotten", "text": rotten[movie % 3]})
     pd.DataFrame(rows).to_csv(root / "reviews.csv", index=False)
     (root / "general.txt").write_text("Before we proceed any further, hear me speak.\n" * 40)
-    chars = sorted(set(string_of_all(fresh + rotten)) | set("Review:Sentiment\nfreshrotBwpcdyuhk,.") | {" "})
+    chars = sorted(set("".join(fresh + rotten)) | set("Review:Sentiment\nfreshrotBwpcdyuhk,.") | {" "})
     vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -65,10 +65,6 @@ def tiny(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return root
-
-
-def string_of_all(texts: list[str]) -> str:
-    return "".join(texts)
 
 
 def _overrides(tiny: Path, runs_dir: Path) -> list[str]:
