@@ -135,8 +135,8 @@ class SpectralLayer(BaseTunerLayer):
         # a calibrated layout holds a seeded placeholder of the right size until init_gradient_layout chooses
         calibrated = layout in CALIBRATED_LAYOUTS
         space = make_space(
-            m, n, k, layout="random" if calibrated else layout, basis=basis, seed=seed, weight=weight, rings=config.banded_rings,
-            energy_share=config.banded_energy_share, name=module_key,
+            m, n, k, layout="random" if calibrated else layout, basis=basis, seed=seed, weight=weight,
+            rings=config.banded_rings, energy_share=config.banded_energy_share, name=module_key,
         )
         count = space.k
 
