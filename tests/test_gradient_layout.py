@@ -219,3 +219,18 @@ def test_a_saved_gradient_adapter_reads_without_a_model(tmp_path):
     for record, matrix in layer_matrices(summary):
         expected = layers[record.name].get_delta_weight("default").double()
         torch.testing.assert_close(matrix.to(expected.dtype), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_model_with_the_adapter_injected_is_calibrated_too():
+    from peft import inject_adapter_in_model
+
+    batches = _batches()
+    model = inject_adapter_in_model(SpectralConfig(layout="gradient", n_coefficients=40, target_modules=["q_proj"]),
+                                    make_llama())
+    chosen = hf_spectral.init_gradient_layout(model, batches)
+    reference = _reference_gradients("llama", batches)
+    for name, layer in spectral_layers(model):
+        spectrum = np.abs(scipy.fft.dctn(reference[name], norm="ortho")).reshape(-1)
+        assert np.array_equal(layer.spectral_indices["default"].numpy(), np.sort(np.argsort(-spectrum)[:40]))
+    assert sorted(chosen) == sorted(name for name, _ in spectral_layers(model))
+    model(input_ids=batches[0])
