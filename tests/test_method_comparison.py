@@ -202,3 +202,12 @@ def test_peak_rss_sees_memory_held_during_the_run():
     peak = memory.stop()
     if start:  # Linux: sampled from /proc
         assert peak * 2**20 - start > 80e6
+
+
+@pytest.mark.slow
+def test_fresh_process_runs_each_run_alone(tiny, tmp_path):
+    sweep.main([str(CONFIGS / "gen_smoke.yaml"), "--arms", "lora_r8", "--fresh_process",
+                *_overrides(tiny, tmp_path)])
+    records = [json.loads(p.read_text()) for p in (tmp_path / "gen_smoke").rglob("run.json")]
+    assert len(records) == 2 and len({r["process_id"] for r in records}) == 2  # the two seeds
+    assert all(r["peak_rss_run_mb"] > 0 for r in records)

@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -550,6 +551,7 @@ def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
         train_seconds,
     )
     record["peak_rss_run_mb"] = memory.stop()
+    record["process_id"] = os.getpid()  # runs that shared a process share what it kept resident
     record["adapter_file_bytes"] = measures.adapter_file_bytes(trainer.model, peft_config)
     record["calibration_seconds"] = calibration_seconds
     record["forgetting"] = measures.forgetting(
