@@ -1,13 +1,12 @@
 """Registers hf_spectral with PEFT as soon as PEFT is imported, so that a saved spectral adapter
-loads with ``PeftModel.from_pretrained`` even in a program that never imports hf_spectral.
+loads with ``PeftModel.from_pretrained`` (or ``AutoPeftModel``, or transformers' ``load_adapter``) even in a
+program that never imports hf_spectral.
 
 PEFT has no plugin discovery: without this, loading fails with ``KeyError('SPECTRAL')``.
 The installed ``hf_spectral_autoload.pth`` imports this module at interpreter start. It costs
-nothing until ``peft`` is imported (no torch, no peft imported here), and it steps aside after
-that. Set ``HF_SPECTRAL_AUTOLOAD=0`` to turn it off (then ``import hf_spectral`` yourself).
-
-``import hf_spectral`` uses the same hook (:func:`watch_for_peft`), whatever the variable says:
-the package imports nothing heavy itself, and registers right after ``peft`` finishes importing.
+nothing until ``peft`` is imported (no torch, no peft imported here): then it imports hf_spectral, whose
+import registers the method, and steps aside. Set ``HF_SPECTRAL_AUTOLOAD=0`` to turn it off (then
+``import hf_spectral`` yourself).
 """
 
 import importlib
@@ -20,11 +19,9 @@ _TRIGGER = "peft"
 
 
 def _register() -> None:
-    """Import hf_spectral and register it with PEFT (idempotent)."""
-    package = importlib.import_module("hf_spectral")
-    register = getattr(package, "register_with_peft", None)
-    if register is not None:  # an hf_spectral that imports peft eagerly has registered on import
-        register()
+    """Import hf_spectral: its import registers it with PEFT. Mid-way through ``import hf_spectral`` itself
+    (which imports peft) this finds the package in ``sys.modules`` and leaves the registration to it."""
+    importlib.import_module("hf_spectral")
 
 
 class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
@@ -69,19 +66,14 @@ class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
         return spec
 
 
-def watch_for_peft() -> None:
-    """Register now if peft is imported, else as soon as it is (used by ``import hf_spectral``)."""
-    if _TRIGGER in sys.modules:
-        _register()
-    elif not any(isinstance(f, _RegisterAfterPeft) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterPeft())
-
-
 def install() -> None:
     """What the ``.pth`` file runs at interpreter start; ``HF_SPECTRAL_AUTOLOAD=0`` turns it off."""
     if os.environ.get("HF_SPECTRAL_AUTOLOAD", "1") == "0":
         return
-    watch_for_peft()
+    if _TRIGGER in sys.modules:
+        _register()
+    elif not any(isinstance(f, _RegisterAfterPeft) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterPeft())
 
 
 install()

@@ -32,6 +32,8 @@ import time
 import warnings
 from pathlib import Path
 
+from recipes.common.machine import cpu_name
+
 SMOLLM2_135M = dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
     vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -179,8 +181,7 @@ def main(argv=None) -> None:
     import peft
     import transformers
 
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     print(
         f"SmolLM2-135M shapes, random weights, bitsandbytes {bitsandbytes.__version__} nf4 base (compute float32), "
         f"{args.tokens} tokens, forward+backward+AdamW; {cpu}, {args.threads} thread(s) of {os.cpu_count()}; torch "

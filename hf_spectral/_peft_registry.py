@@ -1,5 +1,5 @@
-"""The one place that reaches into PEFT's internals, and the list of what ``import hf_spectral`` changes
-in PEFT's classes.
+"""The one place that reaches into PEFT's internals, and the list of everything ``import hf_spectral``
+changes in other libraries (PEFT's and transformers' classes); nothing else in the package patches them.
 
 1. ``SPECTRAL`` in PEFT's method registry. PEFT (checked on 0.21) registers a method with
    ``peft.utils.register_peft_method``, which fills its config, tuner and prefix mappings, but only
@@ -13,9 +13,17 @@ in PEFT's classes.
    (:func:`install_patches`): PEFT changes the model before it reads the weights file, and reports a
    missing layer as a warning, so a corrupt, edited or mismatched adapter leaves a half-changed model.
    For spectral adapters these check the files first and undo a failed load
-   (``hf_spectral.loading``); other adapters load as before (``tests/test_loading.py``).
+   (``hf_spectral.loading``); every other adapter goes straight to the original, with nothing read or
+   fetched for it (``tests/test_loading.py``).
+4. Private names the tuner uses, imported here only: ``BufferDict`` (index sets saved per adapter) and the
+   helpers that tell PEFT's adapter parameters from the rest (replace mode's ``modules_to_save`` rule).
+5. ``PeftMixedModel`` (:func:`install_mixed_model_support`): PEFT's mixed model takes a fixed list of methods
+   (module-level tuples in ``peft/tuners/mixed/model.py`` and an if/elif chain in
+   ``MixedModel._create_and_replace``). Spectral delta adapters are added to those tuples and to the chain, so
+   ``get_peft_model(model, lora_config, mixed=True)`` then ``add_adapter("s", SpectralConfig(...))`` works beside
+   LoRA, LoHa, LoKr, AdaLoRA, OFT and SHiRA; replace mode is refused there (``tests/test_mixed_adapters.py``).
 
-The tests fail loudly if a peft release changes any of this.
+The tests fail loudly if a peft release changes any of this (``tests/test_peft_registry.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +32,18 @@ import enum
 import functools
 import inspect
 
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes as filter_state_dict_by_key_prefixes
+from peft.tuners.tuners_utils import _get_tuner_state_dict_key_prefixes as tuner_state_dict_key_prefixes
+from peft.tuners.tuners_utils import _is_key_under_prefixes as is_key_under_prefixes
 from peft.utils import PeftType
 
-NAME = "spectral"
-PREFIX = "spectral_"  # every adapter attribute of a spectral layer starts with it (PEFT saves by this prefix)
-PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel puts before a module's name in a saved state dict
+from ._names import NAME, PEFT_KEY_PREFIX, PREFIX  # re-exported: the tuner and the loader read them here
+
+__all__ = [
+    "NAME", "PREFIX", "PEFT_KEY_PREFIX", "SPECTRAL_PEFT_TYPE", "register", "install_patches", "BufferDict",
+    "filter_state_dict_by_key_prefixes", "tuner_state_dict_key_prefixes", "is_key_under_prefixes",
+]
 
 
 def _extend_peft_type(member_name: str) -> PeftType:
@@ -99,3 +114,36 @@ def install_patches(push_to_hub, is_spectral_model, load_guards) -> None:
 
     spectral_aware_push_to_hub._hf_spectral_original = original
     PeftModel.push_to_hub = spectral_aware_push_to_hub
+
+
+def install_mixed_model_support(config_cls: type, model_cls: type, layer_cls: type) -> None:
+    """Item 4 of the module doc; idempotent."""
+    import typing
+
+    from peft.tuners import mixed
+    from peft.tuners.mixed import model as mixed_tuner
+
+    owner = mixed_tuner.MixedModel
+    if getattr(owner._create_and_replace, "_hf_spectral_original", None) is not None:
+        return
+    types = tuple(mixed_tuner.COMPATIBLE_TUNER_TYPES) + (SPECTRAL_PEFT_TYPE,)
+    mixed_tuner.COMPATIBLE_TUNER_TYPES = types  # read by MixedModel's checks
+    mixed.COMPATIBLE_TUNER_TYPES = types  # read by peft.mixed_model._check_config_compatible
+    mixed_tuner.Configs = typing.Union[mixed_tuner.Configs, config_cls]  # isinstance(config, Configs.__args__)
+    mixed_tuner.PREFIXES.append(PREFIX)  # which parameters train, which modules unload
+    mixed_tuner.Layers = tuple(mixed_tuner.Layers) + (layer_cls,)  # which layers set_adapter reaches
+    original = owner.__dict__["_create_and_replace"]
+
+    @functools.wraps(original)
+    def _create_and_replace(self, config, *args, **kwargs):
+        if not isinstance(config, config_cls):
+            return original(self, config, *args, **kwargs)
+        if config.mode != "delta":
+            raise ValueError(
+                "A replace-mode spectral adapter cannot join a mixed model: it releases the dense weights the other "
+                "adapters build on. Use mode='delta' there, or merge_and_unload() the mixed model first."
+            )
+        return model_cls._create_and_replace(self, config, *args, **kwargs)
+
+    _create_and_replace._hf_spectral_original = original
+    owner._create_and_replace = _create_and_replace

@@ -64,6 +64,10 @@ class SpectralConfig(PeftConfig):
             keep the DCT of the existing weight on the index set, the best approximation of W with K
             coefficients. ``"random"`` (replace mode): draw S so that the rebuilt weight has the variance of
             the existing (freshly initialised) weight.
+        spectral_dropout (`float`): delta mode: dropout on the input of the update, as LoRA's ``lora_dropout``:
+            ``y = W0 x + scaling * dW dropout(x)`` while training; evaluation and merged layers are unaffected.
+            In [0, 1); 0 (default) keeps the single fused matmul. Embedding layers take none (their input is
+            token ids), as in LoRA.
         train_non_spectral (`bool`): replace mode only. True (default): every parameter that is not spectral
             stays trainable and is saved with the adapter, so a model trained from scratch is restored from
             its adapter alone. False: they are frozen and not saved (compress-then-fine-tune with a frozen
@@ -72,6 +76,10 @@ class SpectralConfig(PeftConfig):
         modules_to_save, trainable_token_indices: as in PEFT's other methods. Without ``target_modules``,
             delta mode targets LoRA's default modules of known architectures and replace mode all linear
             layers but the output head.
+        target_parameters (`list[str]`): parameters to adapt by name, PEFT's meaning: the 3-D expert weights of
+            transformers' MoE models, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``. Each expert
+            gets its own delta of K coefficients (the budget, per expert) on one shared index set. Delta mode and
+            the random, lowfreq and triangle layouts. To adapt only these, set ``target_modules=[]``.
         layer_shapes (`dict`): filled in when the adapter is saved: the (out, in) shape of every spectral layer,
             so that loading into a model whose shapes differ fails before the model is touched.
         fingerprints (`dict`): filled in when the adapter is saved: the fields that decide each layer, and per
@@ -89,6 +97,7 @@ class SpectralConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "Seed of random layouts and bases."})
     banded_rings: int = field(default=4, metadata={"help": "Rings of the 'banded' layout."})
     banded_energy_share: float = field(default=0.5, metadata={"help": "Share of each ring chosen by energy."})
+    spectral_dropout: float = field(default=0.0, metadata={"help": "Delta mode: dropout on the update's input."})
     init_weights: Union[bool, str] = field(default=True, metadata={"help": f"One of {INIT_CHOICES}."})
     train_non_spectral: bool = field(
         default=True, metadata={"help": "Replace mode: train and save every non-spectral parameter."}
@@ -99,13 +108,19 @@ class SpectralConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to leave alone."}
     )
-    fan_in_fan_out: bool = field(default=False, metadata={"help": "True for layers storing (in, out), like Conv1D."})
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Layers storing (in, out), like Conv1D; each layer detects its own, so this is informational."},
+    )
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'spectral_only'."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Other modules to train and save (adapter-scoped copies)."}
     )
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token ids whose embeddings are trained (as in LoRA)."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Parameters to adapt by name (MoE experts), e.g. 'experts.gate_up_proj'."}
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(
         default=None, metadata={"help": "Only these layer indices."}
@@ -161,6 +176,24 @@ class SpectralConfig(PeftConfig):
                 check_budget(None, budget, where)
         if not (isinstance(self.scaling, (int, float)) and math.isfinite(self.scaling)):
             raise ValueError(f"scaling={self.scaling!r} must be a finite number, e.g. 10.0.")
+        if isinstance(self.spectral_dropout, bool) or not isinstance(self.spectral_dropout, (int, float)) or not (
+            0.0 <= self.spectral_dropout < 1.0
+        ):
+            raise ValueError(f"spectral_dropout={self.spectral_dropout!r} is outside [0, 1), e.g. 0.05 (0 turns it off).")
+        if self.spectral_dropout and self.mode == "replace":
+            raise ValueError(
+                f"spectral_dropout={self.spectral_dropout!r} needs mode='delta': it drops the input of the update, and a "
+                "replace-mode layer is all update (use the model's own dropout there)."
+            )
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters):
+                raise ValueError(
+                    f"target_parameters={self.target_parameters!r} must be a list of parameter names, e.g. "
+                    "['experts.gate_up_proj', 'experts.down_proj']."
+                )
+            self.target_parameters = list(self.target_parameters)
+            if self.target_parameters and self.mode == "replace":
+                raise ValueError("target_parameters needs mode='delta': replace mode adapts linear layers only.")
         if not isinstance(self.banded_rings, int) or self.banded_rings < 1:
             raise ValueError(f"banded_rings={self.banded_rings!r} must be a positive integer, e.g. 4.")
         if not 0.0 <= self.banded_energy_share <= 1.0:

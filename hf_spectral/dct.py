@@ -8,18 +8,10 @@ A weight W (m x n, out x in) and its coefficients S are related by
 where ``C_k[f, i] = a_f cos(pi (2i + 1) f / (2k))``, ``a_0 = sqrt(1/k)``, ``a_f = sqrt(2/k)``.
 ``C_k`` is orthonormal, so the inverse is the transpose and energy is preserved (Parseval).
 
-Three shapes of coefficient set are supported, each by its own pair of functions:
-
-- full: a dense m x n coefficient matrix (``idct2`` / ``dct2``);
-- block: the top-left p x q corner (``idct2_block`` / ``dct2_block``), which never builds
-  the m x n coefficient matrix;
-- scattered: K (row, column) positions given as flat indices ``row * n + col``
-  (``idct2_scattered`` / ``dct2_scattered``).
-
-The full transform has two implementations with identical results: two matrix products with
-cached bases (``method="matmul"``) and an FFT-based one (``method="fft"``, Makhoul's algorithm,
-O(mn log mn) instead of O(mn(m + n))). ``method="auto"`` takes the FFT for large sizes on CPU,
-where it measured faster, and matmuls otherwise. Nothing here knows about PEFT or nn.Module.
+Here: the basis matrices (``dct_basis``), the FFT-based DCT and inverse along the last dimension
+(``dct_lastdim`` / ``idct_lastdim``, Makhoul's algorithm, O(n log n) per row), and the full 2-D
+transform ``dct2`` by either. Which one runs where is the cost model's choice (``compute/cost_model.py``,
+through ``CoefficientSpace``). Nothing here knows about PEFT or nn.Module.
 """
 
 from __future__ import annotations
@@ -31,24 +23,7 @@ import torch
 
 from . import fft_tables, triton_kernels
 
-__all__ = [
-    "dct_basis",
-    "dct",
-    "idct",
-    "dct2",
-    "idct2",
-    "dct2_block",
-    "idct2_block",
-    "dct2_scattered",
-    "dct_lastdim",
-    "idct_lastdim",
-    "idct2_scattered",
-    "scatter_coefficients",
-    "FFT_MIN_SIZE",
-]
-
-# On a 2-core CPU the FFT path beat two matmuls from n = 512 up (3.3x at n = 4096).
-FFT_MIN_SIZE = 512
+__all__ = ["dct_basis", "dct2", "dct_lastdim", "idct_lastdim"]
 
 
 @functools.lru_cache(maxsize=128)
@@ -69,14 +44,6 @@ def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device |
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"DCT size must be a positive integer, got {n!r}.")
     return _dct_basis_cached(n, dtype, torch.device(device) if device is not None else torch.device("cpu"))
-
-
-def _use_fft(sizes: tuple[int, ...], method: str, device: torch.device) -> bool:
-    if method not in ("auto", "matmul", "fft"):
-        raise ValueError(f"method must be 'auto', 'matmul' or 'fft', got {method!r}.")
-    if method == "auto":
-        return device.type == "cpu" and max(sizes) >= FFT_MIN_SIZE
-    return method == "fft"
 
 
 def dct_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool = False) -> torch.Tensor:
@@ -135,72 +102,12 @@ def idct_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return u.index_select(-1, fft_tables.idct_output_index(n, coeffs.device))
 
 
-def dct(x: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Orthonormal DCT-II along the last dimension (``scipy.fft.dct(x, norm="ortho")``)."""
-    n = x.shape[-1]
-    if _use_fft((n,), method, x.device):
-        return dct_lastdim(x)
-    return x @ dct_basis(n, x.dtype, x.device).T
-
-
-def idct(x: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Orthonormal DCT-III along the last dimension, the inverse of :func:`dct`."""
-    n = x.shape[-1]
-    if _use_fft((n,), method, x.device):
-        return idct_lastdim(x)
-    return x @ dct_basis(n, x.dtype, x.device)
-
-
-def dct2(weight: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Coefficients ``S = C_m W C_n^T`` of an m x n matrix (``scipy.fft.dctn(W, norm="ortho")``)."""
+def dct2(weight: torch.Tensor, method: str = "matmul") -> torch.Tensor:
+    """Coefficients ``S = C_m W C_n^T`` of an m x n matrix (``scipy.fft.dctn(W, norm="ortho")``), by two matmuls
+    with cached bases or by FFTs (identical results to rounding)."""
+    if method not in ("matmul", "fft"):
+        raise ValueError(f"method must be 'matmul' or 'fft', got {method!r}.")
     m, n = weight.shape[-2:]
-    if _use_fft((m, n), method, weight.device):
+    if method == "fft":
         return dct_lastdim(dct_lastdim(weight).transpose(-1, -2)).transpose(-1, -2)
     return dct_basis(m, weight.dtype, weight.device) @ weight @ dct_basis(n, weight.dtype, weight.device).T
-
-
-def idct2(coeffs: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """The matrix ``W = C_m^T S C_n`` of an m x n coefficient matrix (``scipy.fft.idctn(S, norm="ortho")``)."""
-    m, n = coeffs.shape[-2:]
-    if _use_fft((m, n), method, coeffs.device):
-        return idct_lastdim(idct_lastdim(coeffs).transpose(-1, -2)).transpose(-1, -2)
-    return dct_basis(m, coeffs.dtype, coeffs.device).T @ coeffs @ dct_basis(n, coeffs.dtype, coeffs.device)
-
-
-def idct2_block(block: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """The m x n matrix whose coefficients are ``block`` (p x q) in the top-left corner and zero elsewhere."""
-    p, q = block.shape[-2:]
-    if p > m or q > n:
-        raise ValueError(f"A {p} x {q} coefficient block does not fit an {m} x {n} matrix.")
-    cm = dct_basis(m, block.dtype, block.device)[:p]
-    cn = dct_basis(n, block.dtype, block.device)[:q]
-    return cm.T @ block @ cn
-
-
-def dct2_block(weight: torch.Tensor, p: int, q: int) -> torch.Tensor:
-    """The top-left p x q corner of ``dct2(weight)``, computed without the full transform."""
-    m, n = weight.shape[-2:]
-    if p > m or q > n:
-        raise ValueError(f"A {p} x {q} coefficient block does not fit an {m} x {n} matrix.")
-    cm = dct_basis(m, weight.dtype, weight.device)[:p]
-    cn = dct_basis(n, weight.dtype, weight.device)[:q]
-    return cm @ weight @ cn.T
-
-
-def scatter_coefficients(values: torch.Tensor, indices: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """A dense m x n coefficient matrix with ``values`` at the flat ``indices`` and zeros elsewhere."""
-    dense = values.new_zeros(m * n)
-    dense = dense.index_put((indices,), values)  # out of place, so autograd flows to values
-    return dense.view(m, n)
-
-
-def idct2_scattered(
-    values: torch.Tensor, indices: torch.Tensor, m: int, n: int, method: str = "auto"
-) -> torch.Tensor:
-    """The m x n matrix whose coefficients are ``values`` at flat ``indices`` (row * n + col)."""
-    return idct2(scatter_coefficients(values, indices, m, n), method=method)
-
-
-def dct2_scattered(weight: torch.Tensor, indices: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """The coefficients of ``weight`` at flat ``indices``: the L2-best approximation on that set."""
-    return dct2(weight, method=method).reshape(-1)[indices]

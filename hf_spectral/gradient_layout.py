@@ -264,7 +264,9 @@ def _base_gradients(model, layers, batches, loss_fn, max_batches) -> list[torch.
                     f"The calibration loss does not depend on a targeted layer ({type(layer.get_base_layer()).__name__} "
                     f"{tuple(w.shape)}): check target_modules and the loss."
                 )
-            gradients.append(transpose(w.grad.detach().float(), layer.fan_in_fan_out))
+            # read as the layer reads its weight (_dense_weight): out x in, a table or a kernel flattened
+            matrix = transpose(w.grad.detach().float(), layer.fan_in_fan_out)
+            gradients.append(matrix.reshape(layer.out_features, layer.in_features))
         return gradients
     finally:
         for w, grad in zip(weights, saved_grads, strict=True):

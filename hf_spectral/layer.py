@@ -13,32 +13,21 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized
+from . import dropout, quantized, rebuild_groups
+from ._peft_registry import BufferDict
 from .coefficient_space import TRANSFORMS, CoefficientSpace, make_space
-from .compute import autotune, dispatch
+from .compute import cost_model, dispatch
+from .compute.autotune import token_bucket
 from .compute.functions import matrix, transform_dtype
 from .layouts import CALIBRATED_LAYOUTS, SAVED_LAYOUTS
 from .weight_cache import WeightCache
 
 COMPUTE_PATHS = dispatch.PATHS
-
-try:  # FSDP2 (fully_shard) holds parameters as DTensors
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # a torch without torch.distributed.tensor
-    _DTensor = None
-
-
-def _is_sharded(tensor) -> bool:
-    """An FSDP2 DTensor or a DeepSpeed ZeRO-3 parameter (``ds_id``): whole only inside its module's forward, where
-    the wrapper's own hooks gather it."""
-    return (_DTensor is not None and isinstance(tensor, _DTensor)) or hasattr(tensor, "ds_id")
-
 
 @dataclass(frozen=True)
 class AdapterSettings:
@@ -50,6 +39,7 @@ class AdapterSettings:
     seed: int
     scaling: float
     block: Optional[tuple[int, int]]  # (p, q) for the lowfreq layout, else None
+    dropout: float = 0.0  # delta mode: dropout on the update's input while training (dropout.py)
 
 
 class SpectralLayer(BaseTunerLayer):
@@ -68,8 +58,10 @@ class SpectralLayer(BaseTunerLayer):
         self.uncalibrated_adapters: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters = []
-        # how forward computes: "auto" (the fastest measured here, compute/autotune.py) or a forced path
+        # how forward computes: "auto" (a path measured by tune_compute_paths, else the cost model's) or a forced path
         self.compute_path = "auto"
+        # (adapter, token bucket, dtype) -> the path hf_spectral.tune_compute_paths measured for a training step
+        self.tuned_paths: dict[tuple, str] = {}
         self.last_compute_path: Optional[str] = None  # what the last forward did (for tests and benchmarks)
         # Evaluation reuses the rebuilt weight while the coefficients, the base weight and the active
         # adapters are unchanged: one extra dense weight per layer, dropped when training resumes.
@@ -79,9 +71,6 @@ class SpectralLayer(BaseTunerLayer):
         self._weight_cache: Optional[WeightCache] = None
         self._mixed_weights: dict[str, WeightCache] = {}  # one merged weight per adapter, for mixed batches
         self._spaces: dict[str, CoefficientSpace] = {}
-        # a merged weight built ahead by a batched rebuild of same-shape layers (rebuild_groups.py), used once
-        self._prebuilt: Optional[tuple] = None
-        self.rebuild_group = None  # the batched rebuild this layer waits on in the current training forward
         self._path_memo: dict[tuple, str] = {}
         self.kwargs = kwargs
 
@@ -94,10 +83,16 @@ class SpectralLayer(BaseTunerLayer):
             self.in_features, self.out_features = base_layer.nx, base_layer.nf
         elif self.quantization_backend is not None:
             self.in_features, self.out_features = quantized.features(base_layer)
+        elif self._matrix_shape(base_layer) is not None:  # a weight read as a matrix (embedding_conv.py)
+            self.out_features, self.in_features = self._matrix_shape(base_layer)
         else:
             raise TypeError(
                 f"Spectral layers wrap torch.nn.Linear and transformers' Conv1D, not {type(base_layer).__name__}."
             )
+
+    def _matrix_shape(self, base_layer: nn.Module) -> Optional[tuple[int, int]]:
+        """(out, in) of a base layer whose weight is read as a matrix; None here (subclasses for other modules)."""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # creating an adapter
@@ -159,7 +154,8 @@ class SpectralLayer(BaseTunerLayer):
         elif space.block is None:
             self.spectral_fixed_indices[adapter_name] = space.indices.to(device)
         self.spectral_settings[adapter_name] = AdapterSettings(
-            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block
+            mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block,
+            dropout=float(getattr(config, "spectral_dropout", 0.0)),
         )
         if calibrated:
             self.uncalibrated_adapters.add(adapter_name)
@@ -243,8 +239,18 @@ class SpectralLayer(BaseTunerLayer):
             )
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True for a delta adapter. ``peft.convert_to_lora`` asks each layer this before converting; a replace-mode
+        layer raises instead of answering False, so the user reads what to do rather than PEFT's generic "do not
+        support LoRA conversion". The model-wide question (``SpectralModel.supports_lora_conversion``) answers."""
         settings = self.spectral_settings.get(adapter_name)
-        return settings is not None and settings.mode == "delta"
+        if settings is not None and settings.mode == "replace":
+            raise TypeError(
+                f"Adapter {adapter_name!r} is a replace-mode spectral adapter: its layers hold the weight itself, not "
+                "an update of a base weight, so no LoRA adapter can express it (peft.convert_to_lora and save_as_lora "
+                "convert delta adapters only). To serve it, merge it first: model.merge_and_unload() returns a plain "
+                "transformers model with the rebuilt dense weights, which any server loads."
+            )
+        return settings is not None
 
     # ----------------------------------------------------------------------------------------------
     # the evaluation-time weight cache
@@ -315,6 +321,8 @@ class SpectralLayer(BaseTunerLayer):
 
 class SpectralLinear(nn.Module, SpectralLayer):
     """A spectral adapter around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    batched_rebuilds = True  # same-shape layers' merged weights may be built together (rebuild_groups.py)
 
     def __init__(
         self,
@@ -402,25 +410,29 @@ class SpectralLinear(nn.Module, SpectralLayer):
             self.drop_weight_cache()  # training rebuilds every step; the cache would only hold memory
         return super().train(mode)
 
-    def _choose_path(self, adapter: str, space: CoefficientSpace, tokens: int, x: torch.Tensor, coefficient_grad: bool) -> str:
+    def choose_path(self, adapter: str, tokens: int, x: torch.Tensor, coefficient_grad: bool, update_only: bool = False) -> str:
+        """The path of one forward: the forced ``compute_path``, else the one ``tune_compute_paths`` measured for a
+        training step like this one, else the cost model's. Decided from the layer's settings and the input's
+        shape alone, so every rank and every run takes the same path. ``update_only``: the path for the update
+        ``s * x dW^T`` without W0 (a quantized base runs W0 x in its own kernel)."""
         if self.compute_path != "auto":
-            return self.compute_path
+            # 'separate' is what a quantized base does anyway (base forward, then the update by one matmul)
+            return "dense" if update_only and self.compute_path == "separate" else self.compute_path
         # In training mode the choice is the same whatever this pass needs: a checkpointed block runs once without
-        # gradients and again with them, a frozen embedding's output needs no input gradient where the same layer
-        # elsewhere does, and the measured choice (autotune) must not make same-shape layers or the two passes of
-        # one layer take different paths, which would change the numbers in their last bits.
+        # gradients and again with them, and a frozen embedding's output needs no input gradient where the same
+        # layer elsewhere does; both passes, and all same-shape layers, must take one path and compute the same bits.
         input_grad = self.training or (torch.is_grad_enabled() and x.requires_grad)
         compiling = torch.compiler.is_compiling()
-        key = (adapter, tokens, x.device.type, x.dtype, coefficient_grad, input_grad, compiling)
+        key = (adapter, update_only, tokens, x.device.type, x.dtype, coefficient_grad, input_grad, compiling)
         path = self._path_memo.get(key)
         if path is None:
-            settings = self.spectral_settings[adapter]
-            delta = settings.mode == "delta"
-            path = autotune.choose(
-                space, settings.mode, tokens, x.device, x.dtype, coefficient_grad=coefficient_grad, input_grad=input_grad,
-                base_weight=self.get_base_layer().weight if delta else None, scaling=settings.scaling if delta else 1.0,
-                fan_in_fan_out=self.fan_in_fan_out, compiling=compiling,
-            )
+            path = None if compiling or not self.training else self.tuned_paths.get((adapter, token_bucket(tokens), x.dtype))
+            if path is None:
+                mode = "replace" if update_only else self.spectral_settings[adapter].mode
+                path = cost_model.choose_path(
+                    self.coefficient_space(adapter), mode, tokens, x.device.type, coefficient_grad=coefficient_grad,
+                    input_grad=input_grad, half=x.dtype in (torch.bfloat16, torch.float16), sparse=not compiling,
+                )
             if len(self._path_memo) > 64:
                 self._path_memo.clear()
             self._path_memo[key] = path
@@ -473,59 +485,12 @@ class SpectralLinear(nn.Module, SpectralLayer):
         object.__setattr__(self, "last_compute_path", "mixed")
         return out
 
-    # ----------------------------------------------------------------------------------------------
-    # batched rebuilds (rebuild_groups.py): the merged weight of the next training forward, built ahead
-    # together with the same-shape layers of the model
-
-    def prebuild_request(self) -> Optional[tuple]:
-        """(adapter, space, coefficients, base weight or None, scaling, compute dtype) if the next training forward
-        may rebuild a merged weight (``auto``, ``dense`` or ``sampled``: the path is chosen in the forward), else None."""
-        if self._disable_adapters or self.merged or self.quantization_backend is not None or not self.training:
-            return None
-        active = [a for a in self.active_adapters if a in self.spectral_coefficients]
-        if self.compute_path not in ("auto", "dense", "sampled") or len(active) != 1:
-            return None
-        adapter = active[0]
-        values, settings = self.spectral_coefficients[adapter], self.spectral_settings[adapter]
-        weight = self.get_base_layer().weight
-        space = self.coefficient_space(adapter)
-        # sharded (FSDP2 DTensors, ZeRO-3 partitions) or released tensors are whole only inside the layer's forward
-        if not values.requires_grad or values.numel() != space.k or _is_sharded(values):
-            return None
-        if settings.mode == "delta" and (weight is None or weight.numel() != space.m * space.n or _is_sharded(weight)):
-            return None
-        device_type = values.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.model_dtype()
-        base = transpose(weight, self.fan_in_fan_out) if settings.mode == "delta" else None
-        return adapter, space, values, base, settings.scaling if settings.mode == "delta" else 1.0, dtype
-
-    def set_prebuilt(self, adapter: str, weight: torch.Tensor) -> None:
-        base = self.get_base_layer().weight
-        versions = (self.spectral_coefficients[adapter]._version, None if base is None else base._version)
-        self._prebuilt = (adapter, weight, versions)
-
-    def drop_prebuilt(self) -> None:
-        self._prebuilt = None
-
-    def _take_prebuilt(self, adapter: str, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
-        """The weight built ahead for this forward, if it still is what this forward would build (then dropped)."""
-        prebuilt, self._prebuilt = self._prebuilt, None
-        if prebuilt is None or prebuilt[0] != adapter:
-            return None
-        weight = prebuilt[1]
-        base = self.get_base_layer().weight
-        versions = (self.spectral_coefficients[adapter]._version, None if base is None else base._version)
-        if versions != prebuilt[2] or weight.dtype != dtype or weight.device != device:
-            return None
-        return weight
-
     def _forward_matches_cache(self, active: list[str], tokens: int, x: torch.Tensor) -> bool:
         """In training mode without gradients: does the path a gradient pass takes compute its output with the
         merged weight, as the cache does (dense, sampled, several adapters), so that both give the same numbers?"""
         if len(active) > 1:
             return True
-        space = self.coefficient_space(active[0])
-        return self._choose_path(active[0], space, tokens, x, True) in ("dense", "sampled")
+        return self.choose_path(active[0], tokens, x, True) in ("dense", "sampled")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -550,6 +515,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.compute_path not in COMPUTE_PATHS:
             raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
+        if dropout.applies(self, active):  # base(x) + update(dropout(x)), as LoRA computes it
+            return dropout.forward(self, x, active, *args, **kwargs)
         if self.quantization_backend is not None:  # the quantized kernel plus the update; no weight cache
             return quantized.forward(self, x, active, *args, **kwargs)
 
@@ -585,21 +552,15 @@ class SpectralLinear(nn.Module, SpectralLayer):
             settings = self.spectral_settings[adapter]
             values = self.spectral_coefficients[adapter]
             values = values.to(transform_dtype(values.dtype))
-            space = self.coefficient_space(adapter)
-            path = self._choose_path(adapter, space, tokens, x, choose_grad)
+            path = self.choose_path(adapter, tokens, x, choose_grad)
             object.__setattr__(self, "last_compute_path", path)
-            prebuilt = None
-            if self.rebuild_group is not None or self._prebuilt is not None:  # a batched rebuild is on (rebuild_groups.py)
-                if path in ("dense", "sampled"):
-                    if self._prebuilt is None:
-                        self.rebuild_group.build()  # the first of its group to need a weight: all of theirs at once
-                    prebuilt = self._take_prebuilt(adapter, dtype, x.device)
-                self.rebuild_group = self._prebuilt = None
+            # the weight its group of same-shape layers built ahead in this training forward (rebuild_groups.py)
+            prebuilt = rebuild_groups.take(self, adapter, dtype, x.device, needs_weight=path in ("dense", "sampled"))
             return dispatch.run_path(
                 path,
                 x,
                 values,
-                space,
+                self.coefficient_space(adapter),
                 base_weight=None if settings.mode == "replace" else base.weight,
                 bias=bias,
                 scaling=settings.scaling if settings.mode == "delta" else 1.0,

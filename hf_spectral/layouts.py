@@ -92,13 +92,6 @@ def lowfreq_block(m: int, n: int, k: int) -> tuple[int, int]:
     return best[2], best[3]
 
 
-def lowfreq_indices(m: int, n: int, k: int) -> torch.Tensor:
-    p, q = lowfreq_block(m, n, k)
-    rows = torch.arange(p).unsqueeze(1)
-    cols = torch.arange(q).unsqueeze(0)
-    return (rows * n + cols).reshape(-1)
-
-
 def _frequency_grid(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rows = np.arange(m, dtype=np.float64)[:, None] / m
     cols = np.arange(n, dtype=np.float64)[None, :] / n
@@ -167,14 +160,14 @@ def select_indices(
 
     ``coefficients`` (the DCT of the existing weight) is required by ``energy`` and ``banded``; for
     ``gradient`` it is the DCT of the loss gradient of the weight, and the K largest are kept.
-    ``lowfreq`` may return fewer than ``k`` indices (the largest block that fits).
+    ``lowfreq`` keeps a block, not scattered positions: :func:`lowfreq_block` gives its shape.
     """
     if layout not in ALL_LAYOUTS:
         raise ValueError(f"layout must be one of {ALL_LAYOUTS}, got {layout!r}.")
+    if layout == "lowfreq":
+        raise ValueError("layout='lowfreq' keeps a p x q block, not scattered positions: use lowfreq_block(m, n, k).")
     if not 1 <= k <= m * n:
         raise ValueError(f"budget k={k} is outside 1..{m * n} for an {m} x {n} layer.")
-    if layout == "lowfreq":
-        return lowfreq_indices(m, n, k)
     if layout == "triangle":
         return triangle_indices(m, n, k)
     if layout == "random":

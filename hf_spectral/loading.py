@@ -144,6 +144,10 @@ def module_shape(module: nn.Module) -> Optional[tuple[int, int]]:
         return module.nf, module.nx
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
+    from .embedding_conv import matrix_shape
+
+    if matrix_shape(module) is not None:  # nn.Embedding, nn.Conv1d/2d/3d: the weight read as a matrix
+        return matrix_shape(module)
     from . import quantized
 
     if quantized.is_quantized(module):  # HQQ and others that are not nn.Linear
@@ -212,7 +216,7 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
 
     weights, header, get_tensor = _read_weights(folder)
     shapes = {name: tuple(shape) for name, shape in (config.layer_shapes or {}).items()}
-    if not shapes:
+    if not shapes and not getattr(config, "target_parameters", None):  # parameters alone record no layers
         raise _problem(
             os.path.join(folder, CONFIG_NAME), "has no layer_shapes, so its layers cannot be checked against the model.",
             "Re-save the adapter with hf_spectral to record them.",
@@ -398,54 +402,73 @@ def transaction(*models: nn.Module):
 # the load entry points (installed by _peft_registry.install_patches)
 
 
-def resolve_folder(model_id, subfolder: Optional[str] = None, **hub_kwargs) -> Optional[str]:
-    """The local folder of an adapter given by path or Hub id, or None when it cannot be found (the load itself
-    then reports why, before it touches the model)."""
+def local_folder(model_id, subfolder: Optional[str] = None) -> Optional[str]:
+    """The adapter's folder when ``model_id`` (with ``subfolder``) is a local folder, else None. Never fetches."""
     if model_id is None:
         return None
     path = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        wanted = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
-        config_path = hf_hub_download(str(model_id), CONFIG_NAME, subfolder=subfolder, **wanted)
-        hf_hub_download(str(model_id), WEIGHTS_NAME, subfolder=subfolder, **wanted)
-    except Exception:
-        return None
-    return os.path.dirname(config_path)
+    return path if os.path.isdir(path) else None
 
 
 _IN_LOAD = contextvars.ContextVar("hf_spectral_in_load", default=False)
+# a load from the Hub whose kind is not known yet: {"repo", "subfolder", "hub_kwargs", "spectral"}
+_FROM_HUB = contextvars.ContextVar("hf_spectral_from_hub", default=None)
 
 
-@contextlib.contextmanager
-def _guarded(folder: Optional[str], config, model: nn.Module, adapter_name: str, partial: bool, *snapshot_of):
-    if _IN_LOAD.get():  # an entry point called by another (from_pretrained calls load_adapter): checked already
-        yield
+def check_before_injection(model: nn.Module, config, adapter_name: str) -> None:
+    """Called by ``SpectralModel.inject_adapter`` before it changes a layer. In a load from the Hub, PEFT has
+    just found the adapter to be spectral (it read the config): fetch its weights file and check the adapter
+    now, before any layer changes. Another method's adapter never gets here, so nothing is fetched for it."""
+    hub = _FROM_HUB.get()
+    if hub is None or hub["spectral"]:
         return
-    token, inside = _PARTIAL_LOAD.set(bool(partial)), _IN_LOAD.set(True)
+    hub["spectral"] = True
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    wanted = {k: v for k, v in hub["hub_kwargs"].items() if k in ("revision", "token", "cache_dir", "local_files_only")}
     try:
-        if folder is not None and config is not None:
+        path = hf_hub_download(hub["repo"], WEIGHTS_NAME, subfolder=hub["subfolder"], **wanted)
+        hf_hub_download(hub["repo"], CONFIG_NAME, subfolder=hub["subfolder"], **wanted)
+    except EntryNotFoundError:  # a pickled adapter: PEFT reads it and the checks during its load apply
+        return
+    check_adapter(os.path.dirname(path), config, model, adapter_name)
+
+
+def _load(call, model_id, subfolder, hub_kwargs, given, model, adapter_name, partial, snapshot_of):
+    """Run a load entry point (``call``): a spectral adapter checked first and undone if it fails; any other
+    adapter handed to the original untouched."""
+    from .config import SpectralConfig
+
+    if _IN_LOAD.get():  # an entry point called by another (from_pretrained calls load_adapter): checked already
+        return call()
+    folder = local_folder(model_id, subfolder)
+    config = given if isinstance(given, SpectralConfig) else None
+    if config is None and given is None and folder is not None:
+        config = read_config(folder)
+    # a Hub id: its kind shows once PEFT has read the config (check_before_injection)
+    hub = folder is None and model_id is not None and not os.path.exists(str(model_id)) and (given is None or config is not None)
+    if config is None and not hub:
+        if partial:
+            raise ValueError("allow_partial_load=True is for spectral adapters; this one is not.")
+        return call()
+    token, inside = _PARTIAL_LOAD.set(bool(partial)), _IN_LOAD.set(True)
+    pending = {"repo": str(model_id), "subfolder": subfolder, "hub_kwargs": hub_kwargs, "spectral": False}
+    from_hub = _FROM_HUB.set(pending if hub else None)
+    try:
+        if folder is not None:
             check_adapter(folder, config, model, adapter_name)
-        with transaction(*snapshot_of):
-            yield
+        snapshot = ModelSnapshot(*snapshot_of)
+        try:
+            return call()
+        except BaseException:
+            if not hub or pending["spectral"]:
+                snapshot.restore()
+            raise
     finally:
         _PARTIAL_LOAD.reset(token)
         _IN_LOAD.reset(inside)
-
-
-def _spectral_config_at(folder: Optional[str], given):
-    from .config import SpectralConfig
-
-    if isinstance(given, SpectralConfig):
-        return given
-    if given is not None or folder is None:
-        return None
-    return read_config(folder)
+        _FROM_HUB.reset(from_hub)
 
 
 def guard_peft_from_pretrained(original):
@@ -459,14 +482,8 @@ def guard_peft_from_pretrained(original):
         bound = signature.bind(cls, model, model_id, *args, **kwargs)
         bound.apply_defaults()
         extra = bound.arguments.get("kwargs", {})
-        folder = resolve_folder(model_id, extra.get("subfolder"), **extra)
-        config = _spectral_config_at(folder, bound.arguments.get("config"))
-        if config is None:
-            if partial:
-                raise ValueError("allow_partial_load=True is for spectral adapters; this one is not.")
-            return function(cls, model, model_id, *args, **kwargs)
-        with _guarded(folder, config, model, bound.arguments["adapter_name"], partial, model):
-            return function(cls, model, model_id, *args, **kwargs)
+        return _load(lambda: function(cls, model, model_id, *args, **kwargs), model_id, extra.get("subfolder"), extra,
+                     bound.arguments.get("config"), model, bound.arguments["adapter_name"], partial, (model,))
 
     return classmethod(from_pretrained)
 
@@ -481,12 +498,8 @@ def guard_peft_load_adapter(original):
         bound = signature.bind(self, model_id, *args, **kwargs)
         bound.apply_defaults()
         extra = bound.arguments.get("kwargs", {})
-        folder = resolve_folder(model_id, extra.get("subfolder"), **extra)
-        config = _spectral_config_at(folder, None)
-        if config is None:
-            return original(self, model_id, *args, **kwargs)
-        with _guarded(folder, config, self.base_model.model, bound.arguments["adapter_name"], partial, self):
-            return original(self, model_id, *args, **kwargs)
+        return _load(lambda: original(self, model_id, *args, **kwargs), model_id, extra.get("subfolder"), extra, None,
+                     self.base_model.model, bound.arguments["adapter_name"], partial, (self,))
 
     return load_adapter
 
@@ -501,13 +514,9 @@ def guard_transformers_load_adapter(original):
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
-        extra = arguments.get("adapter_kwargs") or {}
-        folder = resolve_folder(arguments.get("peft_model_id"), **{**extra, **arguments.get("kwargs", {})})
-        config = _spectral_config_at(folder, arguments.get("peft_config"))
-        if config is None:
-            return original(self, *args, **kwargs)
-        adapter_name = arguments.get("adapter_name") or "default"
-        with _guarded(folder, config, self, adapter_name, partial, self):
-            return original(self, *args, **kwargs)
+        extra = {**(arguments.get("adapter_kwargs") or {}), **arguments.get("kwargs", {})}
+        return _load(lambda: original(self, *args, **kwargs), arguments.get("peft_model_id"), extra.get("subfolder"),
+                     extra, arguments.get("peft_config"), self, arguments.get("adapter_name") or "default", partial,
+                     (self,))
 
     return load_adapter

@@ -9,31 +9,41 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
-from peft.tuners.tuners_utils import (
-    AuxiliaryTrainingWrapper,
-    BaseTuner,
-    BaseTunerLayer,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
-    _is_key_under_prefixes,
-)
+from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized, rebuild_groups
-from ._peft_registry import PEFT_KEY_PREFIX, PREFIX
+from . import embedding_conv, quantized, rebuild_groups
+from ._peft_registry import (
+    PEFT_KEY_PREFIX,
+    PREFIX,
+    filter_state_dict_by_key_prefixes,
+    is_key_under_prefixes,
+    tuner_state_dict_key_prefixes,
+)
+from .compute import autotune
 from .config import SpectralConfig
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
 from .index_codec import decode as decode_indices
+from .expert_parameters import ParamWrapper
 from .layer import COMPUTE_PATHS, SpectralLayer, SpectralLinear
 from .layouts import validate_indices
-from .loading import AdapterLoadError, encode_index_sets, fingerprints, module_shape, partial_load_allowed
+from .loading import (
+    AdapterLoadError,
+    check_before_injection,
+    encode_index_sets,
+    fingerprints,
+    module_shape,
+    partial_load_allowed,
+)
 
-__all__ = ["SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache"]
+__all__ = [
+    "SpectralModel", "spectral_layers", "set_compute_path", "set_weight_cache", "tune_compute_paths", "describe_compute_paths",
+    "set_path_tuning",
+]
 
 
 def spectral_layers(model: nn.Module):
@@ -57,6 +67,82 @@ def set_compute_path(model: nn.Module, path: str) -> int:
     return len(layers)
 
 
+def tune_compute_paths(model: nn.Module, tokens, *, dtype: torch.dtype | None = None, repeats: int = 3) -> dict:
+    """Measure, on this machine, the fastest compute path of every spectral layer for a training step of
+    ``tokens`` tokens per forward (an int, or several), and store it on the layers, where ``auto`` reads it
+    from then on; returns {layer name: {tokens: path}}. Without this step ``auto`` takes the cost model's
+    path. Same-shape layers share one measurement; ``dtype`` is the activations' dtype (default: the
+    model's). Under ``torch.distributed`` rank 0 measures and every rank takes its paths, so all ranks compute
+    the same numbers. Nothing is written to disk: run it again in each process that wants measured paths.
+    """
+    layers = list(spectral_layers(model))
+    counts = sorted({autotune.token_bucket(t) for t in ([tokens] if isinstance(tokens, int) else tokens)})
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    measured: dict[tuple, str] = {}
+    found: dict[str, dict[int, str]] = {}
+    if not distributed or torch.distributed.get_rank() == 0:
+        for name, layer in layers:
+            for adapter in [a for a in layer.active_adapters if a in layer.spectral_coefficients]:
+                settings = layer.spectral_settings[adapter]
+                space = layer.coefficient_space(adapter)
+                values = layer.spectral_coefficients[adapter]
+                delta = settings.mode == "delta" and layer.quantization_backend is None
+                base = layer.get_base_layer().weight if delta else None
+                run_dtype = dtype or layer.model_dtype()
+                for count in counts:
+                    signature = (settings.mode if delta else "replace", space.m, space.n, space.block, space.k,
+                                 space.basis, run_dtype, values.requires_grad, count, layer.fan_in_fan_out and delta,
+                                 values.device)
+                    if signature not in measured:
+                        measured[signature] = autotune.measure(
+                            space, signature[0], count, values.device, run_dtype, coefficient_grad=values.requires_grad,
+                            input_grad=True, base_weight=base, scaling=settings.scaling if delta else 1.0,
+                            fan_in_fan_out=layer.fan_in_fan_out, repeats=repeats,
+                        )
+                    found.setdefault(name, {})[(adapter, count, run_dtype)] = measured[signature]
+    if distributed:
+        shared = [found]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        found = shared[0]
+    for name, layer in layers:
+        layer.tuned_paths.update(found.get(name, {}))
+        layer._path_memo.clear()
+    return {name: {key[1]: path for key, path in paths.items()} for name, paths in found.items()}
+
+
+def describe_compute_paths(model: nn.Module, tokens: int) -> dict[str, str]:
+    """{layer name: "path (why)"}: the path each spectral layer's training forward takes at ``tokens`` tokens,
+    and where it comes from (``forced``, ``tuned`` by :func:`tune_compute_paths`, or the ``cost model``)."""
+    table = {}
+    for name, layer in spectral_layers(model):
+        active = [a for a in layer.active_adapters if a in layer.spectral_coefficients]
+        if not active:
+            continue
+        adapter = active[0]
+        dtype = layer.model_dtype()
+        x = torch.empty(0, layer.in_features, dtype=dtype, device=layer.spectral_coefficients[adapter].device)
+        forced = layer.compute_path != "auto"
+        tuned = (adapter, autotune.token_bucket(tokens), dtype) in layer.tuned_paths
+        training, layer.training = layer.training, True  # the training step's choice (the flag alone: no cache drop)
+        try:
+            path = layer.choose_path(adapter, tokens, x, layer.spectral_coefficients[adapter].requires_grad,
+                                     update_only=layer.quantization_backend is not None)
+        finally:
+            layer.training = training
+        table[name] = f"{path} ({'forced' if forced else 'tuned' if tuned else 'cost model'})"
+    return table
+
+
+def set_path_tuning(enabled) -> None:
+    """Gone: ``auto`` no longer times paths inside a forward. ``False`` or ``None`` (the cost model) is what it
+    does now; for measured paths call ``hf_spectral.tune_compute_paths(model, tokens)`` before training."""
+    if enabled:
+        raise ValueError(
+            "set_path_tuning(True) is gone: compute paths are no longer timed inside a forward. Call "
+            "hf_spectral.tune_compute_paths(model, tokens) once before training to measure and store them."
+        )
+
+
 def set_weight_cache(model: nn.Module, enabled: bool) -> int:
     """Turn the evaluation-time weight cache of every spectral layer on or off (dropping what it holds)."""
     layers = [layer for _, layer in spectral_layers(model)]
@@ -72,6 +158,14 @@ class SpectralModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = SpectralLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``peft.convert_to_lora`` can convert this model: every spectral layer holds a delta adapter.
+
+        A question, so it answers False for replace mode, where a layer asked directly (as the converter does)
+        raises an error that says to merge instead."""
+        settings = [layer.spectral_settings.get(adapter_name) for _, layer in spectral_layers(self.model)]
+        return bool(settings) and all(s is not None and s.mode == "delta" for s in settings)
 
     # ----------------------------------------------------------------------------------------------
     # checks before anything is changed
@@ -114,25 +208,32 @@ class SpectralModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        if kwargs.get("parameter_name") is not None:  # PEFT's target_parameters (expert_parameters.py)
+            return self._create_and_replace_parameter(
+                config, adapter_name, target, target_name, parent, current_key, parameter_name=kwargs["parameter_name"]
+            )
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         # transformers tags every parameter it loads from a checkpoint; weights built by from_config are untagged
         from_pretrained = bool(getattr(getattr(base, "weight", None), "_is_hf_initialized", False))  # HQQ has no weight
         if isinstance(target, SpectralLayer):
             target.update_layer(adapter_name, config, current_key, from_pretrained)
             return
+        if embedding_conv.handles(base):  # nn.Embedding and convolutions: a weight read as a matrix
+            new_module = embedding_conv.create(target, adapter_name, config, current_key, from_pretrained, self.model)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            return
         if not isinstance(base, (nn.Linear, Conv1D)) and not quantized.is_quantized(base):
             raise TypeError(
                 f"Target module {current_key!r} is a {type(base).__name__}; spectral layers replace torch.nn.Linear "
-                "(plain or quantized: bitsandbytes, torchao, HQQ, ...) and transformers' Conv1D. Remove it from "
+                "(plain or quantized: bitsandbytes, torchao, HQQ, ...), transformers' Conv1D, nn.Embedding and "
+                "nn.Conv1d/2d/3d (delta mode). Remove it from "
                 "target_modules (or add it to exclude_modules)."
             )
-        if config.fan_in_fan_out != isinstance(base, Conv1D):
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not match {current_key!r} ({type(base).__name__}); "
-                f"setting fan_in_fan_out={not config.fan_in_fan_out}. Each layer uses its own layout.",
-                stacklevel=2,
-            )
-            config.fan_in_fan_out = isinstance(base, Conv1D)
+        # Each layer reads its layout off its base (Conv1D stores (in, out)), whatever the config says, so a
+        # mismatch is not the user's to fix: record what the layer is, as LoRA does, and say nothing.
+        config.fan_in_fan_out = isinstance(base, Conv1D)
         new_module = SpectralLinear(
             target, adapter_name, config, current_key, from_pretrained, **quantized.layer_kwargs(self.model)
         )
@@ -140,10 +241,21 @@ class SpectralModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _create_and_replace_parameter(
+        self, config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
+        if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
+            target.update_layer(adapter_name, config, current_key)  # another adapter on a wrapped parameter
+            return
+        new_module = ParamWrapper(target, adapter_name, parameter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Unloading puts the base layer back as it is. PEFT's version copies child.weight onto it, which a
         # quantized base without a `weight` (HQQLinear, swapped in by a merge) does not have.
-        if isinstance(child, SpectralLayer) and new_module is child.get_base_layer():
+        if isinstance(child, (SpectralLayer, ParamWrapper)) and new_module is child.get_base_layer():
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
@@ -151,6 +263,7 @@ class SpectralModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # All or nothing: if any layer fails (a budget too large, an unsupported module), the layers already
         # made are taken out again, and replace mode releases dense weights only once every layer is built.
+        check_before_injection(model, self.peft_config[adapter_name], adapter_name)  # a load from the Hub: files first
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
             _check_layers_match_the_saved_ones(model, self.peft_config[adapter_name], adapter_name)
@@ -285,6 +398,8 @@ class SpectralModel(BaseTuner):
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name.")
         configs = [self.peft_config[name] for name in adapters]
+        if any(config.target_parameters for config in configs):
+            raise ValueError("add_weighted_adapter does not combine adapters with target_parameters; merge them one by one.")
         if any(config.mode != "delta" for config in configs):
             raise ValueError("Only delta-mode adapters can be combined: a replace-mode adapter is the weight itself.")
         fields = ("layout", "basis", "seed", "n_coefficients", "coefficient_fraction", "budget_pattern",
@@ -343,6 +458,8 @@ class SpectralModel(BaseTuner):
             raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}.")
         if self.training:
             raise ValueError("adapter_names is for inference: call model.eval() first (mixed batches do not train).")
+        if any(isinstance(module, ParamWrapper) for module in self.model.modules()):
+            raise ValueError("adapter_names (mixed batches) is not supported with target_parameters.")
         replace = self._replace_adapter_names()
         if replace:
             raise ValueError(
@@ -445,11 +562,11 @@ def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
 
 def _non_spectral_parameters(model: nn.Module):
     """(name, parameter) of every parameter outside the spectral layers' adapters and PEFT's wrappers."""
-    adapter_prefixes = _get_tuner_state_dict_key_prefixes(model)
-    adapter_names = set(_filter_state_dict_by_key_prefixes(dict(model.named_parameters()), adapter_prefixes))
+    adapter_prefixes = tuner_state_dict_key_prefixes(model)
+    adapter_names = set(filter_state_dict_by_key_prefixes(dict(model.named_parameters()), adapter_prefixes))
     wrapper_names = {n for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}
     for name, param in model.named_parameters():
-        if name in adapter_names or _is_key_under_prefixes(name, wrapper_names):
+        if name in adapter_names or is_key_under_prefixes(name, wrapper_names):
             continue
         yield name, param
 

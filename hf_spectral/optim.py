@@ -42,10 +42,9 @@ that suit AdamW on a dense model suit this optimiser (lr, betas, eps, weight dec
 Step size with few coefficients: Adam's direction U on W has entries of about 1, so its norm is
 about sqrt(mn), and restrict(U) keeps a good part of it (all of it where U lies in the span of the K
 kept basis matrices). So each coefficient moves by up to lr * sqrt(mn / K), where AdamW on S moves
-each by about lr. Measured over three steps on a random layout: 1.3x AdamW's step at K = mn/2
-(sqrt(mn/K) = 1.4; AdamW's rates carry over), but 6x and 8.5x for a delta of K = 1000 on 384 x 384
-and 1536 x 384 layers (sqrt(mn/K) = 12 and 24). With few coefficients, start from the rate that suits
-AdamW on the coefficients divided by about sqrt(mn / K) / 2.
+each by about lr. At K = mn/2 AdamW's rates carry over; with few coefficients the step is several times
+AdamW's (``benchmarks/README.md`` has the measured ratios), so start from the rate that suits AdamW on
+the coefficients divided by about sqrt(mn / K) / 2.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from peft.utils.quantization_utils import (
 )
 from torch import nn
 
-from .compute import autotune, dispatch
+from .compute import dispatch
 from .compute.functions import transform_dtype
 from .layouts import DATA_DEPENDENT_LAYOUTS
 
@@ -145,25 +145,6 @@ def init_weight(layer, config, module_key: str) -> Optional[torch.Tensor]:
 # forward
 
 
-def _choose_path(layer, adapter: str, space, tokens: int, x: torch.Tensor, coefficient_grad: bool, input_grad: bool) -> str:
-    """The path for the update ``s * x dW^T`` alone: ``auto``'s replace-mode choice (no W0 term)."""
-    if layer.compute_path != "auto":
-        # 'separate' is what a quantized base does anyway (base forward, then the update by one matmul)
-        return "dense" if layer.compute_path == "separate" else layer.compute_path
-    compiling = torch.compiler.is_compiling()
-    key = ("quantized", adapter, tokens, x.device.type, x.dtype, coefficient_grad, input_grad, compiling)
-    path = layer._path_memo.get(key)
-    if path is None:
-        path = autotune.choose(
-            space, "replace", tokens, x.device, x.dtype, coefficient_grad=coefficient_grad, input_grad=input_grad,
-            scaling=layer.spectral_settings[adapter].scaling, compiling=compiling,
-        )
-        if len(layer._path_memo) > 64:
-            layer._path_memo.clear()
-        layer._path_memo[key] = path
-    return path
-
-
 def forward(layer, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch.Tensor:
     """``base_layer(x) + sum_a s_a * x dW_a^T`` for the active delta adapters of a layer on a quantized base."""
     result = layer.base_layer(x, *args, **kwargs)  # the quantized kernel, under the caller's autocast
@@ -181,10 +162,9 @@ def forward(layer, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch
             values = layer.spectral_coefficients[adapter]
             coefficient_grad = grad and values.requires_grad
             values = values.to(transform_dtype(values.dtype))
-            space = layer.coefficient_space(adapter)
-            path = _choose_path(layer, adapter, space, tokens, x, coefficient_grad, layer.training or (grad and x.requires_grad))
+            path = layer.choose_path(adapter, tokens, x, coefficient_grad, update_only=True)
             update = dispatch.run_path(
-                path, x, values, space, base_weight=None, bias=None, scaling=layer.spectral_settings[adapter].scaling
+                path, x, values, layer.coefficient_space(adapter), base_weight=None, bias=None, scaling=layer.spectral_settings[adapter].scaling
             )
             result = result + update.to(result.dtype)
     object.__setattr__(layer, "last_compute_path", path)

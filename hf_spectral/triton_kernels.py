@@ -8,9 +8,8 @@ those passes dominate. The kernel here fuses the elementwise work after the FFT 
 - ``dct_lastdim``: gather (torch) -> rfft (cuFFT) -> one kernel: twiddle, scale, real/imaginary
   selection, sign, truncation to ``keep`` outputs and, optionally, the transpose.
 
-Measured on an H100 (``benchmarks/transforms.py``, T = 4096 rows, float32): the fused DCT is 1.2-1.3x
-faster than PyTorch's passes at n = 2048-4096 and 1.5-1.7x with the transposed output the sampled
-gradient needs (par at n = 768). A fused inverse was slower than PyTorch's passes (``benchmarks/README.md``).
+How much it gains on a GPU, and why there is no fused inverse, is measured in ``benchmarks/README.md``
+(``benchmarks/transforms.py``).
 
 Results equal the PyTorch implementation to float32 rounding (checked in ``tests/test_compute_paths.py``
 on a GPU). Nothing here is needed on a CPU; without Triton every caller falls back to PyTorch.

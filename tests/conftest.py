@@ -1,8 +1,6 @@
 """Test-wide settings and the fixtures every test file may use.
 
-Always on: the spectral method is registered, known noisy warnings are quiet, and the measured compute-path
-choices (``hf_spectral/compute/autotune.py``) go to a cache folder of this test session, not the user's
-(subprocesses inherit it through ``HF_SPECTRAL_CACHE``).
+Always on: the spectral method is registered and known noisy warnings are quiet.
 
 Fixtures (request them by name, or a whole file with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
 
@@ -20,12 +18,10 @@ Markers: ``slow`` (registered in pyproject.toml) marks every test that starts a 
 ``accelerate launch``, ``sys.executable``) or runs the HF Trainer or TRL's SFTTrainer. ``pytest -m "not slow"``
 runs the rest in about a minute; plain ``pytest`` runs everything.
 
-What the scripts that tests launch share with the tests lives in ``tiny_models.py`` and
-``ecosystem_utils.py`` (launching, the thread setting, token rows, per-rank results), which import without pytest.
+The scripts that tests launch (torchrun workers, training runs to kill and resume) live in ``workers/``; what
+they share with the tests lives in ``tiny_models.py`` and ``ecosystem_utils.py`` (launching, the thread setting, token rows, per-rank results), which import without pytest.
 """
 
-import os
-import tempfile
 import warnings
 
 import pytest
@@ -33,13 +29,10 @@ from ecosystem_utils import single_thread, write_shakespeare_stand_in
 
 import hf_spectral  # noqa: F401  (registers the method)
 
-os.environ["HF_SPECTRAL_CACHE"] = tempfile.mkdtemp(prefix="hf_spectral_test_cache_")
-
 
 @pytest.fixture(autouse=True)
 def _quiet_known_warnings():
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
         yield
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tiny_models import VOCAB, make_gpt2
 
 TESTS_DIR = Path(__file__).resolve().parent
+WORKERS_DIR = TESTS_DIR / "workers"  # the scripts tests launch (torchrun workers, training runs to kill and resume)
 REPO_ROOT = TESTS_DIR.parent
 SEQ_LEN = 16
 
@@ -77,8 +78,8 @@ def run_checked(args: list[str], timeout: float, **kwargs) -> subprocess.Complet
 
 
 def torchrun_command(script: str, *args: str, nproc: int = 2) -> list[str]:
-    """``torchrun --standalone`` with ``nproc`` processes on one machine, for a script in tests/."""
-    return [bin_of("torchrun"), "--standalone", "--nproc_per_node", str(nproc), str(TESTS_DIR / script), *args]
+    """``torchrun --standalone`` with ``nproc`` processes on one machine, for a script in tests/workers/."""
+    return [bin_of("torchrun"), "--standalone", "--nproc_per_node", str(nproc), str(WORKERS_DIR / script), *args]
 
 
 def wait_for_hang(job: subprocess.Popen, ready, deadline: float, step: int = 4, poll: float = 0.1) -> None:

@@ -10,6 +10,8 @@ server does not know is answered 404 and recorded in ``unhandled`` so a test can
     ... HF_ENDPOINT=hub.url ...
     hub.files["org/name"]["README.md"]  # bytes
     hub.stop()
+
+From a shell (docs/hub.md): ``python tests/hub_server.py --port 8765`` serves until stopped.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class LocalHub:
     # ------------------------------------------------------------------------------------------
     # lifecycle
 
-    def start(self) -> "LocalHub":
+    def start(self, port: int = 0) -> "LocalHub":
+        """Serve on 127.0.0.1:``port`` (0: a free port) in a daemon thread."""
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,7 +76,7 @@ class LocalHub:
             def log_message(self, *args):  # quiet
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -125,6 +128,15 @@ class LocalHub:
         request.end_headers()
         if not head:
             request.wfile.write(body)
+
+    def put_folder(self, repo: str, folder) -> str:
+        """Store every file of a local folder in ``repo`` as one commit, as a push would; return its oid."""
+        from pathlib import Path
+
+        files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        with self._lock:
+            self.files.setdefault(repo, {}).update(files)
+            return self._new_commit(repo, f"upload {len(files)} files", sorted(files))
 
     def _new_commit(self, repo: str, summary: str, paths: list[str]) -> str:
         oid = hashlib.sha1(f"{repo}:{len(self.commits)}:{summary}".encode()).hexdigest()
@@ -212,3 +224,33 @@ class LocalHub:
             return
         etag = '"' + hashlib.sha256(content).hexdigest() + '"'
         self._reply(request, 200, raw=content, headers={**commit, "ETag": etag}, head=head)
+
+
+def main(argv=None) -> None:
+    """Serve the local Hub in the foreground, for the client command in docs/hub.md; Ctrl-C (or kill) stops it."""
+    import argparse
+    import signal
+    import time
+
+    parser = argparse.ArgumentParser(description="A local, in-memory model Hub on 127.0.0.1 (for tests).")
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: a free one)")
+    args = parser.parse_args(argv)
+
+    def stop_on_sigterm(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # `kill` stops it as Ctrl-C does
+    hub = LocalHub().start(args.port)
+    print(f"local Hub at {hub.url} (HF_ENDPOINT={hub.url}); Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        hub.stop()
+        print(f"served {len(hub.requests)} requests, {len(hub.unhandled)} unknown: {hub.unhandled}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Accelerate with two processes (DDP over gloo on the CPU) trains a spectral model like one process.
 
-Runs tests/ddp_train.py, a plain Accelerate loop, and the char-Shakespeare recipe's Trainer script,
+Runs tests/workers/ddp_train.py, a plain Accelerate loop, and the char-Shakespeare recipe's Trainer script,
 each unchanged under ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`` and
 as a single process with the same global batch, side by side.
 """
@@ -11,15 +11,15 @@ import importlib.util
 import json
 import subprocess
 
-import ddp_train
 import pytest
 import torch
-from ecosystem_utils import REPO_ROOT, TESTS_DIR, assert_recipe_runs_match, bin_of, single_thread, subprocess_env
+from ecosystem_utils import REPO_ROOT, WORKERS_DIR, assert_recipe_runs_match, bin_of, single_thread, subprocess_env
 from safetensors.torch import load_file
+from workers import ddp_train
 
 pytestmark = pytest.mark.slow  # accelerate launch, and Trainer runs
 
-SCRIPT = str(TESTS_DIR / "ddp_train.py")
+SCRIPT = str(WORKERS_DIR / "ddp_train.py")
 SMOKE = REPO_ROOT / "recipes" / "shakespeare_char" / "configs" / "smoke.yaml"
 # SGD, not Adam, for the comparison: Adam divides by sqrt(v), so a near-zero gradient entry whose sign
 # differs in the last bit between an all-reduce and a one-process sum becomes a full lr-sized step, and

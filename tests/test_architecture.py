@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_spectral"
 TRANSFORM_MODULES = {"hf_spectral.dct", "hf_spectral.bases", "hf_spectral.fft_tables", "hf_spectral.triton_kernels"}
 # what builds a basis, scatters coefficients into a matrix, or chooses an index set
 MATRIX_BUILDERS = {
-    "idct2", "idct2_block", "idct2_scattered", "scatter_coefficients", "dct_basis", "basis_matrix",
-    "random_orthonormal_basis", "idct_lastdim", "select_indices", "lowfreq_block", "lowfreq_indices",
+    "dct_basis", "basis_matrix",
+    "random_orthonormal_basis", "idct_lastdim", "select_indices", "lowfreq_block",
     "random_indices", "triangle_indices", "energy_indices", "banded_indices",
 }
 
@@ -98,3 +98,83 @@ def test_the_checks_see_a_real_import():
     assert "make_space" in graph["hf_spectral.layer"]["hf_spectral.coefficient_space"]
     assert "hf_spectral.fft_tables" in graph["hf_spectral.dct"]
     assert "hf_spectral.fft_tables" in graph["hf_spectral.triton_kernels"]
+
+
+# -- docs/architecture.md's list of imports is the code's --------------------------------------------------
+
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+COLLAPSED = ("hf_spectral.cli", "hf_spectral.mixing")  # subpackages the page shows as one node each
+
+
+def _node(module: str) -> str:
+    for package in COLLAPSED:
+        if module == package or module.startswith(package + "."):
+            return package.removeprefix("hf_spectral.")
+    return module.removeprefix("hf_spectral.") or "hf_spectral"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """{module: modules of the package it imports}, as the page names them: `from . import x` is an import of
+    the module x (not of the package around it), and cli/ and mixing/ are one node each."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        is_package = (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()
+        imports = _imports(name, tree, is_package)
+        targets = set()
+        for target, names in imports.items():
+            if target not in modules or target == name:
+                continue
+            if names and all(f"{target}.{n}" in modules for n in names):
+                continue  # only submodules taken from it: their own entries count
+            targets.add(target)
+        graph.setdefault(_node(name), set()).update(
+            _node(t) for t in targets if _node(t) != _node(name) and not name.startswith(t + ".")
+        )
+    return graph
+
+
+def _documented_graph() -> dict[str, set[str]]:
+    """The bullet list under "Imports go one way" in docs/architecture.md: "- `a`, `b`: `x`, `y`" says that a
+    and b each import exactly x and y of the package; "nothing of the package" is the empty set."""
+    text = DOC.read_text()
+    section = text[text.index("Imports go one way"):]
+    section = section[: section.index("\n\n", section.index("\n- "))]
+    graph: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("- "):
+            continue
+        left, _, right = line[2:].partition(": ")
+        names = {n.strip(" `") for n in left.split(",")}
+        targets = set() if right.strip().startswith("nothing") else {n.strip(" `.") for n in right.split(",")}
+        for name in names:
+            assert name not in graph, f"{name} is listed twice in {DOC.name}"
+            graph[name] = targets
+    return graph
+
+
+def test_the_documented_imports_are_the_real_imports():
+    real, documented = _module_graph(), _documented_graph()
+    missing = sorted(set(real) - set(documented))
+    unknown = sorted(set(documented) - set(real))
+    wrong = {m: {"undocumented": sorted(real[m] - documented[m]), "not imported": sorted(documented[m] - real[m])}
+             for m in set(real) & set(documented) if real[m] != documented[m]}
+    assert not (missing or unknown or wrong), (
+        f"docs/architecture.md's import list differs from the code: modules not listed {missing}, listed but absent "
+        f"{unknown}, wrong lines {wrong}"
+    )
+
+
+def test_the_documented_list_sees_an_added_import(monkeypatch):
+    # the comparison above would pass vacuously if either side were empty or the parser missed an import
+    real = _module_graph()
+    assert "coefficient_space" in real["layer"] and len(_documented_graph()) == len(real)
+    original = _modules
+
+    def with_an_extra_import():
+        modules = original()
+        modules["hf_spectral.stable_random"].body.append(ast.parse("from .layer import SpectralLayer").body[0])
+        return modules
+
+    monkeypatch.setattr(__import__(__name__), "_modules", with_an_extra_import)
+    assert "layer" in _module_graph()["stable_random"] and _module_graph() != _documented_graph()

@@ -1,27 +1,20 @@
-"""``auto`` takes the compute path measured fastest on this machine (hf_spectral/compute/autotune.py)."""
+"""``auto`` takes the cost model's path, decided before the forward and the same in every process; measured paths
+come only from the explicit step ``tune_compute_paths`` (hf_spectral/compute/autotune.py)."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import make_llama
 from torch import nn
 
 import hf_spectral
 from hf_spectral import SpectralConfig, set_compute_path
 from hf_spectral.compute import autotune, cost_model
-from hf_spectral.coefficient_space import CoefficientSpace
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_SPECTRAL_CACHE", str(tmp_path))
-    autotune.clear_memory_cache()
-    autotune.set_path_tuning(True)
-    yield tmp_path
-    autotune.set_path_tuning(None)
-    autotune.clear_memory_cache()
 
 
 @pytest.fixture
@@ -37,79 +30,102 @@ def fake_timer(monkeypatch):
     return calls
 
 
-def _space():
-    return CoefficientSpace(64, 48, indices=torch.arange(0, 64 * 48, 7))
-
-
-def _choose(space, tokens=256, **kwargs):
-    kwargs = {"coefficient_grad": True, "input_grad": True, **kwargs}
-    return autotune.choose(space, "replace", tokens, torch.device("cpu"), torch.float32, **kwargs)
-
-
-def test_the_fastest_measured_path_is_taken_timed_once_and_kept_on_disk(fresh_cache, fake_timer):
-    space = _space()
-    path = _choose(space)
-    assert len(fake_timer) == 1 and len(fake_timer[0]) > 1
-    assert path == fake_timer[0][-1]  # the fastest of the fake times
-    assert _choose(space) == path and _choose(_space(), tokens=260) == path  # same shape, same token bucket
-    assert len(fake_timer) == 1
-    saved = json.loads((fresh_cache / "compute_paths.json").read_text())
-    assert saved["version"] == autotune.CACHE_VERSION
-    (key, value), = saved["paths"].items()
-    assert value == path and f"threads {torch.get_num_threads()}" in key and "64x48" in key and "T256" in key
-
-    autotune.clear_memory_cache()  # a new process on the same machine: read from disk, no timing
-    assert _choose(space) == path and len(fake_timer) == 1
-
-    _choose(space, tokens=1024)  # another token bucket, another measurement
-    assert len(fake_timer) == 2
-
-
-def test_a_different_thread_count_is_measured_again(fresh_cache, fake_timer):
-    threads = torch.get_num_threads()
-    _choose(_space())
-    try:
-        torch.set_num_threads(threads + 1)
-        _choose(_space())
-    finally:
-        torch.set_num_threads(threads)
-    assert len(fake_timer) == 2
-    keys = json.loads((fresh_cache / "compute_paths.json").read_text())["paths"]
-    assert {f"threads {threads}", f"threads {threads + 1}"} == {k.split("|")[2] for k in keys}
-
-
-def test_without_tuning_the_cost_model_decides(fresh_cache, fake_timer, monkeypatch):
-    space = _space()
-    expected = cost_model.choose_path(space, "replace", 256, "cpu", coefficient_grad=True, input_grad=True)
-    autotune.set_path_tuning(None)
-    monkeypatch.setenv("HF_SPECTRAL_AUTOTUNE", "0")
-    assert _choose(space) == expected
-    hf_spectral.set_path_tuning(False)
-    monkeypatch.setenv("HF_SPECTRAL_AUTOTUNE", "1")
-    assert _choose(space) == expected
-    assert _choose(space, compiling=True) == cost_model.choose_path(
-        space, "replace", 256, "cpu", coefficient_grad=True, input_grad=True, sparse=False
-    )
-    assert fake_timer == []
-
-
-def test_a_broken_cache_file_is_ignored_with_a_warning_and_rewritten(fresh_cache, fake_timer):
-    (fresh_cache / "compute_paths.json").write_text("{not json")
-    with pytest.warns(UserWarning, match="Ignoring the compute-path cache"):
-        path = _choose(_space())
-    assert list(json.loads((fresh_cache / "compute_paths.json").read_text())["paths"].values()) == [path]
-
-
-def test_same_shape_layers_share_one_measurement_and_take_its_path(fresh_cache, fake_timer):
+def _stack():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16))
-    model = get_peft_model(model, SpectralConfig(n_coefficients=100, layout="random", target_modules=["0", "1", "2"]))
-    x = torch.randn(4, 8, 32, requires_grad=True)  # so the first layer, too, computes an input gradient
+    return get_peft_model(model, SpectralConfig(n_coefficients=100, layout="random", target_modules=["0", "1", "2"]))
+
+
+def _train_step(model, tokens):
+    x = torch.randn(tokens, 32, requires_grad=True)  # so the first layer, too, computes an input gradient
     model(x).sum().backward()
-    layers = [m for _, m in hf_spectral.spectral_layers(model)]
-    assert len(fake_timer) == 2  # 32 x 32 (two layers) and 16 x 32
-    assert [layer.last_compute_path for layer in layers[:2]] == [fake_timer[0][-1]] * 2
-    assert layers[2].last_compute_path == fake_timer[1][-1]
+    return [layer.last_compute_path for _, layer in hf_spectral.spectral_layers(model)]
+
+
+def test_without_tuning_auto_takes_the_cost_models_path_and_times_nothing(fake_timer):
+    model = _stack()
+    paths = _train_step(model, 256)
+    for (_, layer), path in zip(hf_spectral.spectral_layers(model), paths, strict=True):
+        expected = cost_model.choose_path(layer.coefficient_space("default"), "delta", 256, "cpu",
+                                          coefficient_grad=True, input_grad=True)
+        assert path == expected
+    assert fake_timer == []
+    assert set(hf_spectral.describe_compute_paths(model, 256).values()) == {f"{p} (cost model)" for p in paths}
+
+
+def test_tuning_is_an_explicit_step_whose_paths_the_layers_keep_and_show(fake_timer):
+    model = _stack()
+    found = hf_spectral.tune_compute_paths(model, [256, 1000])
+    assert len(fake_timer) == 4  # (32 x 32, 16 x 32) x (256, 1024 tokens): same-shape layers share one measurement
+    fastest = {256: fake_timer[0][-1]}
+    assert found["base_model.model.0"] == found["base_model.model.1"] and set(found["base_model.model.0"]) == {256, 1024}
+    assert found["base_model.model.0"][256] == fastest[256]
+    assert _train_step(model, 256)[:2] == [fastest[256]] * 2  # the forward reads what tuning stored
+    assert _train_step(model, 260)[:2] == [fastest[256]] * 2  # same token bucket
+    assert len(fake_timer) == 4  # and times nothing itself
+    table = hf_spectral.describe_compute_paths(model, 256)
+    assert table["base_model.model.0"] == f"{fastest[256]} (tuned)"
+    set_compute_path(model, "dense")
+    assert table != hf_spectral.describe_compute_paths(model, 256)
+    assert set(hf_spectral.describe_compute_paths(model, 256).values()) == {"dense (forced)"}
+
+
+def test_measuring_takes_the_fastest_timed_candidate(fake_timer):
+    model = _stack()
+    layer = next(layer for _, layer in hf_spectral.spectral_layers(model))
+    space = layer.coefficient_space("default")
+    path = autotune.measure(space, "replace", 256, torch.device("cpu"), torch.float32, coefficient_grad=True, input_grad=True)
+    assert path == fake_timer[0][-1] and len(fake_timer[0]) > 1
+    assert set(fake_timer[0]) <= set(hf_spectral.compute.available_paths(space, "replace")) - {"separate"}
+
+
+def test_set_path_tuning_true_says_what_replaced_it():
+    hf_spectral.set_path_tuning(False)  # the cost model: what auto does anyway
+    with pytest.raises(ValueError, match="tune_compute_paths"):
+        hf_spectral.set_path_tuning(True)
+
+
+def test_a_first_training_step_writes_nothing_to_disk_and_times_nothing(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_SPECTRAL_CACHE", str(cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setattr(autotune, "_time_paths", lambda *a, **k: pytest.fail("a training step timed paths"))
+    model = get_peft_model(make_llama(), SpectralConfig(n_coefficients=64, layout="random"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert list(cache.iterdir()) == []
+
+
+_PATHS_OF_A_FRESH_PROCESS = """
+import json, torch
+from peft import get_peft_model
+import hf_spectral
+from tiny_models import make_llama
+model = get_peft_model(make_llama(), hf_spectral.SpectralConfig(n_coefficients=64, layout="random"))
+model.train()
+for tokens in (8, 512):
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    model(input_ids=ids, labels=ids).loss.backward()
+    print(json.dumps([layer.last_compute_path for _, layer in hf_spectral.spectral_layers(model)]))
+"""
+
+
+@pytest.mark.slow
+def test_two_fresh_processes_take_the_same_paths(tmp_path):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.getcwd()])}
+    runs = [
+        subprocess.run([sys.executable, "-c", _PATHS_OF_A_FRESH_PROCESS], env=env, capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+        for _ in range(2)
+    ]
+    paths = [[json.loads(line) for line in run.splitlines() if line.startswith("[")] for run in runs]
+    assert len(paths[0]) == 2 and paths[0] == paths[1]
 
 
 def _layer_step_time(model, x, repeats):
@@ -133,19 +149,20 @@ def _layer_step_time(model, x, repeats):
     ],
     ids=["replace lowfreq mn/2 512x512 T=2048", "delta random K=1000 1536x576 T=512"],
 )
-def test_auto_is_within_ten_percent_of_the_fastest_forced_path(fresh_cache, mode, m, n, tokens, config):
-    """Measured in one run: the path ``auto`` takes against every path forced (minimum of 5 steps each, the
-    paths taking turns; measured again up to twice when noise puts auto out of the 10%)."""
+def test_a_tuned_path_is_within_ten_percent_of_the_fastest_forced_path(mode, m, n, tokens, config):
+    """Measured in one run: the path tuning chose against every path forced (minimum of 5 steps each, the
+    paths taking turns; measured again up to twice when noise puts the tuned path out of the 10%)."""
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(n, m)), SpectralConfig(target_modules=["0"], **config))
     layer = next(layer for _, layer in hf_spectral.spectral_layers(model))
+    hf_spectral.tune_compute_paths(model, tokens)
     # an inner layer's input needs its gradient (in training the choice is made for that case, see layer.py)
     x = torch.randn(tokens, n, requires_grad=True)
     model(x).sum().backward()
     chosen = layer.last_compute_path
     paths = [p for p in hf_spectral.compute.available_paths(layer.coefficient_space("default"), mode) if p != "separate"]
     assert chosen in paths
-    for attempt in range(3):
+    for _attempt in range(3):
         times = {p: float("inf") for p in paths}
         for _ in range(5):
             for path in paths:
@@ -155,4 +172,4 @@ def test_auto_is_within_ten_percent_of_the_fastest_forced_path(fresh_cache, mode
             break
     set_compute_path(model, "auto")
     summary = {p: f"{t * 1e3:.1f} ms" for p, t in times.items()}
-    assert times[chosen] <= 1.10 * min(times.values()), f"auto took {chosen!r}; forced paths: {summary}"
+    assert times[chosen] <= 1.10 * min(times.values()), f"tuning took {chosen!r}; forced paths: {summary}"

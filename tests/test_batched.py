@@ -134,26 +134,33 @@ def _stack(mode, layout, path, fan_in_fan_out=False):
     return model
 
 
-def _spy_prebuilt(model):
-    """Counts the layers whose forward used a weight built ahead."""
+def _spy_prebuilt(model, monkeypatch):
+    """Counts the layers of ``model`` whose forward used a weight built ahead."""
     used = []
-    for _, layer in hf_spectral.spectral_layers(model):
-        take = layer._take_prebuilt
+    layers = {id(layer) for _, layer in hf_spectral.spectral_layers(model)}
+    take = rebuild_groups.take
 
-        def spy(*args, _take=take):
-            weight = _take(*args)
+    def spy(layer, *args, **kwargs):
+        grouped = layer in rebuild_groups._waiting
+        weight = take(layer, *args, **kwargs)
+        if id(layer) in layers and grouped and kwargs.get("needs_weight", True):
             used.append(weight is not None)
-            return weight
+        return weight
 
-        layer._take_prebuilt = spy
+    monkeypatch.setattr(rebuild_groups, "take", spy)
     return used
+
+
+def _nothing_waits(model):
+    """No layer of ``model`` waits on a group, and no group holds a weight for it, after a forward."""
+    return all(layer not in rebuild_groups._waiting for _, layer in hf_spectral.spectral_layers(model))
 
 
 @pytest.mark.parametrize("path", ["dense", "sampled"])
 @pytest.mark.parametrize("mode, layout", [("delta", "random"), ("delta", "lowfreq"), ("replace", "lowfreq"), ("replace", "random")])
 def test_batched_rebuild_gives_the_outputs_and_gradients_of_the_per_layer_rebuild(mode, layout, path, monkeypatch):
     batched, single = _stack(mode, layout, path), _stack(mode, layout, path)
-    used = _spy_prebuilt(batched)
+    used = _spy_prebuilt(batched, monkeypatch)
     x = torch.randn(2, 5, 48, dtype=torch.float64)
     outputs = {}
     for name, model in (("batched", batched), ("single", single)):
@@ -167,7 +174,7 @@ def test_batched_rebuild_gives_the_outputs_and_gradients_of_the_per_layer_rebuil
     torch.testing.assert_close(outputs["batched"][0], outputs["single"][0], rtol=0, atol=1e-12)
     for name, grad in outputs["single"][1].items():
         torch.testing.assert_close(outputs["batched"][1][name], grad, rtol=0, atol=1e-12)
-    assert all(layer._prebuilt is None for _, layer in hf_spectral.spectral_layers(batched))
+    assert _nothing_waits(batched)
 
 
 def test_no_batched_rebuild_where_it_would_not_be_used(monkeypatch):
@@ -184,17 +191,16 @@ def test_no_batched_rebuild_where_it_would_not_be_used(monkeypatch):
     assert calls == []
     hf_spectral.set_compute_path(model, "spectral")  # never builds the weight: asked, but nothing to build
     model(x).sum().backward()
-    assert calls == [1] and all(layer._prebuilt is None for _, layer in hf_spectral.spectral_layers(model))
-    assert all(layer.rebuild_group is None for _, layer in hf_spectral.spectral_layers(model))
+    assert calls == [1] and _nothing_waits(model)
     assert rebuild_groups.prebuild(layer for _, layer in hf_spectral.spectral_layers(model)) == []
 
 
 def test_a_group_is_built_only_when_its_first_layer_takes_a_path_that_reads_the_weight(monkeypatch):
-    """The path is chosen per forward (here: long inputs dense, short ones spectral, as measured choices can go):
+    """The path is chosen per forward (here: long inputs dense, short ones spectral, as the cost model can go):
     a short step after a long one builds nothing, a long one after a short one builds the group."""
-    from hf_spectral.compute import autotune
+    from hf_spectral.compute import cost_model
 
-    monkeypatch.setattr(autotune, "choose", lambda space, mode, tokens, *a, **k: "dense" if tokens >= 16 else "spectral")
+    monkeypatch.setattr(cost_model, "choose_path", lambda space, mode, tokens, *a, **k: "dense" if tokens >= 16 else "spectral")
     builds = []
     real_build = rebuild_groups.Group.build
     monkeypatch.setattr(rebuild_groups.Group, "build", lambda self: builds.append(len(self.waiting())) or real_build(self))
@@ -216,7 +222,7 @@ def test_a_group_is_built_only_when_its_first_layer_takes_a_path_that_reads_the_
         assert paths == ["dense" if tokens >= 16 else "spectral"] * 4
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    assert all(layer._prebuilt is None and layer.rebuild_group is None for _, layer in hf_spectral.spectral_layers(batched))
+    assert _nothing_waits(batched)
 
 
 def test_a_weight_built_ahead_is_not_used_once_its_coefficients_changed():
@@ -232,12 +238,12 @@ def test_a_weight_built_ahead_is_not_used_once_its_coefficients_changed():
     torch.testing.assert_close(out, layers[0](x), rtol=0, atol=1e-12)
 
 
-def test_a_deep_copy_rebuilds_its_own_layers_and_unloading_removes_the_hooks():
+def test_a_deep_copy_rebuilds_its_own_layers_and_unloading_removes_the_hooks(monkeypatch):
     import copy
 
     model = _stack("delta", "random", "sampled")
     twin = copy.deepcopy(model)
-    used = _spy_prebuilt(twin)
+    used = _spy_prebuilt(twin, monkeypatch)
     x = torch.randn(4, 48, dtype=torch.float64)
     twin.train()
     twin(x).sum().backward()

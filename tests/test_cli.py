@@ -63,6 +63,31 @@ def _dense_weights(base_dir) -> dict[str, np.ndarray]:
 # inspect
 
 
+def test_other_libraries_are_quiet_unless_verbose_and_their_settings_come_back():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from hf_spectral.cli.common import OPTIONAL_EXTRAS_LOGGERS, quiet_libraries
+
+    before = (hf_logging.get_verbosity(), [logging.getLogger(n).level for n in OPTIONAL_EXTRAS_LOGGERS])
+    with quiet_libraries():
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert all(logging.getLogger(n).level == logging.ERROR for n in OPTIONAL_EXTRAS_LOGGERS)
+    assert (hf_logging.get_verbosity(), [logging.getLogger(n).level for n in OPTIONAL_EXTRAS_LOGGERS]) == before
+    with quiet_libraries(verbose=True):
+        assert hf_logging.get_verbosity() == before[0]
+        assert all(logging.getLogger(n).level == level for n, level in zip(OPTIONAL_EXTRAS_LOGGERS, before[1],
+                                                                            strict=True))
+
+
+def test_verbose_goes_before_the_command(base_dir, tmp_path, capsys):
+    folder = tmp_path / "delta"
+    _adapter(base_dir, folder, target_modules=["c_attn"], n_coefficients=8)
+    code, out, _ = _run(capsys, "--verbose", "inspect", folder)
+    assert code == 0 and "transformer.h.0.attn.c_attn" in out
+
+
 def test_inspect_reports_mode_layout_k_shapes_counts_and_size(base_dir, tmp_path, capsys):
     folder = tmp_path / "delta"
     _adapter(base_dir, folder, target_modules=["c_attn", "c_fc"], n_coefficients=40, layout="energy",
@@ -184,6 +209,33 @@ def test_compress_refuses_a_result_larger_than_the_dense_model_before_writing(ba
     assert not out_dir.exists()
     code, _, _ = _run(capsys, "compress", base_dir, "--fraction", "1", "--out", out_dir, "--allow-growth")
     assert code == 0 and (out_dir / "adapter_model.safetensors").is_file()
+
+
+def test_compress_measures_growth_against_the_dense_weights_it_loaded_not_the_input_files(tmp_path, capsys):
+    # the model stored in bf16 (like a quantized .gguf: smaller than the dense weights it holds), loaded in fp32
+    stored = tmp_path / "bf16"
+    tiny_gpt2(seed=0).to(torch.bfloat16).save_pretrained(stored)
+    dense_fp32 = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(stored).parameters())
+    out_dir = tmp_path / "out"
+    code, out, err = _run(capsys, "compress", stored, "--fraction", "0.75", "--layout", "lowfreq", "--out", out_dir)
+    assert code == 0, err
+    report = json.loads((out_dir / "compression.json").read_text())
+    written = report["bytes_after"]["model_on_disk"]
+    assert report["bytes_before"]["dense_weights"] == dense_fp32
+    # larger than the bf16 file, smaller than the fp32 weights it was compressed from: no growth, no refusal
+    assert report["bytes_before"]["model_on_disk"] < written < dense_fp32
+    assert "whole model, dense weights as loaded (float32) -> adapter_model.safetensors" in out
+    assert "larger than the dense one" not in err
+
+
+def test_compress_does_not_advise_the_layout_the_run_already_used(base_dir, tmp_path, capsys):
+    # every coefficient kept: the adapter's longer tensor names make its file a little larger than the dense one
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "1", "--layout", "lowfreq",
+                        "--out", tmp_path / "full")
+    assert code == 1 and "would be larger than the dense one" in err and "Lower --fraction" in err
+    assert "--layout lowfreq" not in err and "index set" not in err
+    code, _, err = _run(capsys, "compress", base_dir, "--fraction", "1", "--out", tmp_path / "full")
+    assert code == 1 and "use --layout lowfreq or triangle" in err
 
 
 @pytest.fixture(scope="module")
@@ -439,14 +491,16 @@ def test_spectrum_keeps_the_callers_thread_count(base_dir, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# the entry point is light
+# the entry point
 
 
 @pytest.mark.slow
-def test_help_imports_neither_torch_nor_peft():
-    code = ("import sys, time; t = time.perf_counter(); from hf_spectral.cli import main; main(['--help']); "
-            "print('heavy:', sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+def test_help_answers_in_a_fresh_interpreter():
+    # ``import hf_spectral`` registers with PEFT eagerly (so it imports peft and torch); the commands' own heavy
+    # libraries (model loading, plotting) are still imported inside the commands only
+    code = ("import sys; from hf_spectral.cli import main; main(['--help']); "
+            "print('heavy:', sorted(m for m in ('matplotlib',) if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env=subprocess_env())
     assert result.returncode == 0, result.stderr
     assert "inspect" in result.stdout and "spectrum" in result.stdout and "heavy: []" in result.stdout

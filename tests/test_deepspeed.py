@@ -1,6 +1,6 @@
 """Spectral models under DeepSpeed ZeRO-2 and ZeRO-3 with the shipped configs, two CPU processes over gloo.
 
-tests/deepspeed_worker.py calls ``deepspeed.initialize`` itself under torchrun: without GPUs Accelerate's DeepSpeed
+tests/workers/deepspeed_worker.py calls ``deepspeed.initialize`` itself under torchrun: without GPUs Accelerate's DeepSpeed
 plugin is not data parallel (docs/distributed.md). Skipped where DeepSpeed is not installed
 (``pip install -e ".[deepspeed]"``, which needs ``DS_BUILD_OPS=0`` and ``--no-build-isolation``).
 """
@@ -11,7 +11,7 @@ import importlib.util
 import json
 
 import pytest
-from ecosystem_utils import TESTS_DIR, bin_of, run_checked, subprocess_env
+from ecosystem_utils import WORKERS_DIR, bin_of, run_checked, subprocess_env
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -34,7 +34,7 @@ def deepspeed_env(**extra: str) -> dict:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    run_checked([bin_of("torchrun"), "--standalone", "--nproc_per_node", "2", str(TESTS_DIR / "deepspeed_worker.py"),
+    run_checked([bin_of("torchrun"), "--standalone", "--nproc_per_node", "2", str(WORKERS_DIR / "deepspeed_worker.py"),
                  "--out", str(out)], timeout=900, env=deepspeed_env())
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -48,8 +48,8 @@ def test_budget_above_a_layer_size_names_the_layer_and_leaves_the_model_unchange
 
 
 def test_unsupported_target_module_is_named():
-    with pytest.raises(TypeError, match=r"'transformer.wte' is a Embedding.*Linear.*Conv1D"):
-        get_peft_model(make_gpt2(), SpectralConfig(target_modules=["wte"]))
+    with pytest.raises(TypeError, match=r"'transformer.ln_f' is a LayerNorm.*Linear.*Conv1D.*Embedding.*Conv1d/2d/3d"):
+        get_peft_model(make_gpt2(), SpectralConfig(target_modules=["ln_f"]))
 
 
 @pytest.mark.parametrize("kwargs", [{"layout": "energy"}, {"layout": "banded"}, {"mode": "replace", "init_weights": "project"}])

@@ -1,7 +1,7 @@
 """Spectral layers under FSDP2 (fully_shard) on two CPU processes over gloo, launched by torchrun.
 
 Accelerate's FSDP plugin silently falls back to DDP on the CPU, so this drives torch's
-``fully_shard`` directly (tests/fsdp_worker.py) and checks that the parameters really are sharded.
+``fully_shard`` directly (tests/workers/fsdp_worker.py) and checks that the parameters really are sharded.
 """
 
 from __future__ import annotations

@@ -234,3 +234,20 @@ def test_a_model_with_the_adapter_injected_is_calibrated_too():
         assert np.array_equal(layer.spectral_indices["default"].numpy(), np.sort(np.argsort(-spectrum)[:40]))
     assert sorted(chosen) == sorted(name for name, _ in spectral_layers(model))
     model(input_ids=batches[0])
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "q_proj"])
+def test_the_chosen_set_is_where_the_coefficients_gradient_is_largest(target):
+    """Independent of how the layer reads its weight: with every position kept, the coefficients' own gradient (the
+    layer's autograd) is scaling * DCT(G), so its K largest entries are the gradient layout's set."""
+    batches = _batches(1)
+    ids = batches[0]
+    chosen = get_peft_model(make_llama(), SpectralConfig(layout="gradient", n_coefficients=50, target_modules=[target]))
+    hf_spectral.init_gradient_layout(chosen, batches)
+    full = get_peft_model(make_llama(), SpectralConfig(coefficient_fraction=1.0, target_modules=[target]))
+    full(input_ids=ids, labels=ids).loss.backward()
+    for (_, a), (_, b) in zip(spectral_layers(chosen), spectral_layers(full), strict=True):
+        grad = b.spectral_coefficients["default"].grad.abs()
+        positions = b.spectral_indices["default"] if "default" in b.spectral_indices else b.spectral_fixed_indices["default"]
+        expected = torch.sort(positions[torch.topk(grad, 50).indices].long()).values
+        assert torch.equal(a.spectral_indices["default"].long(), expected)

@@ -246,6 +246,44 @@ def test_other_methods_load_as_before(tmp_path, base):
     torch.testing.assert_close(logits(loaded), logits(lora))
 
 
+def _hub_calls_raise(monkeypatch) -> list:
+    """Every huggingface_hub download raises, wherever a module imported it; returns the files that asked."""
+    import inspect
+    import sys
+
+    import huggingface_hub
+
+    callers = []
+
+    def refuse(*args, **kwargs):
+        callers.append(inspect.stack()[1].filename)
+        raise OSError("no network in this test")
+
+    originals = {huggingface_hub.hf_hub_download, huggingface_hub.snapshot_download}
+    for module in list(sys.modules.values()):
+        for name in ("hf_hub_download", "snapshot_download"):
+            if getattr(module, name, None) in originals:
+                monkeypatch.setattr(module, name, refuse)
+    return callers
+
+
+def test_a_lora_adapter_loads_with_no_request_of_ours(tmp_path, monkeypatch):
+    lora = get_peft_model(llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    callers = _hub_calls_raise(monkeypatch)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(llama(), tmp_path / "lora")), logits(lora))
+    model = llama()
+    model.load_adapter(str(tmp_path / "lora"))
+    torch.testing.assert_close(logits(model), logits(lora))
+    peft_model = PeftModel.from_pretrained(llama(), tmp_path / "lora")
+    peft_model.load_adapter(tmp_path / "lora", adapter_name="second")
+    assert callers == []
+    # a Hub id: PEFT fetches its config itself; hf_spectral asks for nothing (it learns the kind from PEFT's read)
+    with pytest.raises((OSError, ValueError)):
+        PeftModel.from_pretrained(llama(), "someone/a-lora-adapter")
+    assert callers and not any(os.sep + "hf_spectral" + os.sep in caller for caller in callers), callers
+
+
 @pytest.mark.parametrize("mode", ["delta", "replace"])
 def test_every_entry_point_loads_a_good_adapter_to_the_same_logits(tmp_path, mode):
     folder, expected = save(tmp_path, mode)

@@ -3,10 +3,12 @@ with both modes and every layout buys the same checks each."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from tiny_models import MODELS, example_inputs, logits_of
+from tiny_models import DELTA_ONLY_MODELS, MODELS, example_inputs, logits_of, make_gpt2
 
 from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.layouts import LAYOUTS
@@ -14,10 +16,13 @@ from hf_spectral.layouts import LAYOUTS
 CASES = [(name, mode, layout, "dct") for name in MODELS for mode in ("delta", "replace") for layout in LAYOUTS]
 # the paper's control basis, on both a block and a scattered layout
 CASES += [(name, mode, layout, "random_orthonormal") for name in ("gpt2", "llama") for mode in ("delta", "replace") for layout in ("lowfreq", "random")]
+# Conv2d and Embedding targets (delta mode only), as PEFT's own table has rows for them
+CASES += [(name, "delta", layout, "dct") for name in DELTA_ONLY_MODELS for layout in LAYOUTS]
+TABLE = {**MODELS, **DELTA_ONLY_MODELS}
 
 
 def build(name: str, mode: str, layout: str, init_weights=False, seed: int = 0, **overrides):
-    factory, targets, extra = MODELS[name]
+    factory, targets, extra = TABLE[name]
     kwargs = dict(mode=mode, layout=layout, target_modules=targets, init_weights=init_weights, **extra)
     kwargs.update({"n_coefficients": 40} if mode == "delta" else {"coefficient_fraction": 0.5})
     kwargs.update(overrides)
@@ -28,10 +33,10 @@ def spectral_layers(model):
     return [m for m in model.modules() if isinstance(m, SpectralLayer)]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(TABLE))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_delta_mode_starts_as_the_identity(name, layout):
-    factory, _, _ = MODELS[name]
+    factory, _, _ = TABLE[name]
     inputs = example_inputs(name)
     expected = logits_of(factory(), inputs)
     model = build(name, "delta", layout, init_weights=True)
@@ -60,7 +65,7 @@ def test_save_then_load_gives_identical_logits(name, mode, layout, basis, tmp_pa
     inputs = example_inputs(name)
     expected = logits_of(model, inputs)
     model.save_pretrained(tmp_path)
-    factory, _, _ = MODELS[name]
+    factory, _, _ = TABLE[name]
     # replace mode must restore the whole model from the adapter alone, so load into another random init
     loaded = PeftModel.from_pretrained(factory(seed=1 if mode == "replace" else 0), tmp_path).eval()
     torch.testing.assert_close(logits_of(loaded, inputs), expected)
@@ -74,7 +79,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_logits(name, mode, l
     expected = logits_of(model, inputs)
     merged = model.merge_and_unload()
     assert not spectral_layers(merged)
-    assert type(merged) is type(MODELS[name][0]())
+    assert type(merged) is type(TABLE[name][0]())
     torch.testing.assert_close(logits_of(merged, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -249,3 +254,14 @@ def test_auto_peft_model_and_transformers_load_adapter_with_a_local_base(tmp_pat
     plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     plain.load_adapter(str(adapter_dir))
     torch.testing.assert_close(logits_of(plain, inputs), expected)
+
+
+def test_gpt2_conv1d_layers_are_handled_without_a_fan_in_fan_out_warning():
+    # each layer reads its layout off its base; the config's default False is not the user's mistake to fix
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(make_gpt2(), SpectralConfig(n_coefficients=16, target_modules=["c_attn", "c_fc"]))
+    assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == []
+    assert model.peft_config["default"].fan_in_fan_out is True
+    layers = spectral_layers(model)
+    assert len(layers) == 4 and all(layer.fan_in_fan_out for layer in layers)

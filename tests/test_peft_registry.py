@@ -73,3 +73,25 @@ def test_import_twice_in_a_fresh_interpreter():
 def test_prefix_is_unique(unused):
     owners = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == "spectral_"]
     assert owners == [PeftType.SPECTRAL]
+
+
+def test_private_peft_names_are_imported_in_peft_registry_only():
+    import ast
+    from pathlib import Path
+
+    from hf_spectral import _peft_registry
+
+    for name in ("BufferDict", "filter_state_dict_by_key_prefixes", "tuner_state_dict_key_prefixes", "is_key_under_prefixes"):
+        assert callable(getattr(_peft_registry, name)), name
+    package = Path(hf_spectral.__file__).parent
+    found = []
+    for path in package.rglob("*.py"):
+        if path.name == "_peft_registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "peft":
+                private = any(part.startswith("_") for part in node.module.split("."))
+                private = private or any(alias.name.startswith("_") for alias in node.names)
+                if private:
+                    found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert found == [], f"private PEFT names imported outside _peft_registry.py: {found}"

@@ -73,7 +73,7 @@ def test_smoke_arm_trains_and_writes_its_record(data_dir, tmp_path, arm):
 @pytest.mark.slow
 def test_spectral_run_saves_a_restorable_adapter_and_resumes(data_dir, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     # a run stopped after its first checkpoint resumes to the same result as one straight run
     straight = run(data_dir, tmp_path / "a", "lowfreq_mn2_adamw", "eval_windows=4")
@@ -100,8 +100,12 @@ def test_spectral_run_saves_a_restorable_adapter_and_resumes(data_dir, tmp_path)
     model_dir = tmp_path / "a" / "smoke" / "lowfreq_mn2_adamw" / "seed0" / "model"
     _, model_args, _, _ = train.parse_settings(straight["settings"])
     vocab = prepare.load_meta(data_dir)["vocab_size"]
-    base = AutoModelForCausalLM.from_config(train.gpt2_config(model_args, vocab))
-    restored = PeftModel.from_pretrained(base, str(model_dir))
+    # as the README reloads it: the architecture from the config.json saved beside the weights
+    config = GPT2Config.from_pretrained(model_dir)
+    expected = train.gpt2_config(model_args, vocab)
+    fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "tie_word_embeddings")
+    assert {f: getattr(config, f) for f in fields} == {f: getattr(expected, f) for f in fields}
+    restored = PeftModel.from_pretrained(GPT2LMHeadModel(config), str(model_dir))
     val = prepare.load_split(data_dir, "val")
     windows = train.validation_windows(val, 32, 4)
     assert train.validation_loss(restored, windows, 64, "cpu") == pytest.approx(straight["final_val_loss"], abs=1e-5)

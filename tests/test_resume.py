@@ -1,5 +1,5 @@
 """Kill a Trainer run with SIGKILL in the middle of a checkpoint save; resume; compare with an
-uninterrupted run with the same seed (tests/resume_train.py: tiny replace-mode GPT-2 with dropout,
+uninterrupted run with the same seed (tests/workers/resume_train.py: tiny replace-mode GPT-2 with dropout,
 6 steps across an epoch boundary, a checkpoint every 2 steps)."""
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import sys
 import time
 
 import pytest
-import resume_train
 import torch
-from ecosystem_utils import TESTS_DIR, run_checked, single_thread, subprocess_env, wait_for_hang
+from ecosystem_utils import WORKERS_DIR, run_checked, single_thread, subprocess_env, wait_for_hang
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
+from workers import resume_train
 
 from hf_spectral.ecosystem.checkpoints import MANIFEST_NAME, last_complete_checkpoint, verify_checkpoint
 
-SCRIPT = str(TESTS_DIR / "resume_train.py")
+SCRIPT = str(WORKERS_DIR / "resume_train.py")
 
 pytestmark = pytest.mark.slow  # Trainer runs, two of them in subprocesses
 

@@ -79,3 +79,14 @@ def test_a_rank_above_the_layer_size_names_the_limit():
     _, spectral = _spectral("gpt2-conv1d")
     with pytest.raises(ValueError, match="larger than the weight shape"):
         convert_to_lora(spectral, 33)  # c_attn is 96 x 32
+
+
+def test_a_replace_mode_adapter_is_refused_with_the_way_to_serve_it():
+    spectral = get_peft_model(make_gpt2(seed=0), SpectralConfig(mode="replace", coefficient_fraction=0.5))
+    assert spectral.supports_lora_conversion() is False  # the question answers; the converter is told what to do
+    with pytest.raises(TypeError, match=r"replace-mode spectral adapter.*merge_and_unload\(\)"):
+        convert_to_lora(spectral, 4)
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        save_as_lora("unused", spectral, rank=4)
+    delta = _spectral("llama-linear")[1]
+    assert delta.supports_lora_conversion() is True

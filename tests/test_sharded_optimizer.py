@@ -1,9 +1,9 @@
 """Optimiser state under sharding: SpectralAdamW under DDP, FSDP2 and DeepSpeed ZeRO, and resuming a sharded
 run (FSDP2, ZeRO-3) killed mid-save, on two CPU processes over gloo launched by torchrun.
 
-- tests/sharded_optimizer_worker.py trains with ``create_optimizer`` (full and factored second moment) under
+- tests/workers/sharded_optimizer_worker.py trains with ``create_optimizer`` (full and factored second moment) under
   each wrapper against one process on the whole batch;
-- tests/sharded_resume_worker.py checkpoints every 2 steps (each rank its shards, then a manifest), is killed
+- tests/workers/sharded_resume_worker.py checkpoints every 2 steps (each rank its shards, then a manifest), is killed
   with SIGKILL inside the save of step 4 and resumed from ``last_complete_checkpoint``.
 
 The DeepSpeed parts are skipped where DeepSpeed is not installed.

@@ -9,8 +9,9 @@ other shapes still goes through the same factory.
     make_llama   Llama: nn.Linear with grouped-query attention
     make_bert    BERT for sequence classification (its ``classifier`` is a module to save)
 
-``MODELS`` is the table the PEFT behaviour tests cross with every mode and layout; ``example_inputs``
-and ``logits_of`` feed any of them.
+``MODELS`` is the table the PEFT behaviour tests cross with every mode and layout, ``DELTA_ONLY_MODELS``
+the rows crossed with delta mode only (Conv2d and Embedding targets); ``example_inputs`` and ``logits_of``
+feed any of them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,28 @@ class MLP(nn.Module):
         logits = self.lin2(self.relu(self.lin1(self.relu(self.lin0(x)))))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return {"logits": logits, "loss": loss}
+
+
+class Conv2dModel(nn.Module):
+    """PEFT's own Conv2d test model (``ModelConv2D`` of its tests/test_custom_models.py), in its shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(5, 10, 3)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, x, labels=None):
+        x = self.flat(self.relu(self.conv2d(x.float().reshape(-1, 5, 3, 3))))
+        logits = self.lin0(x)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return {"logits": logits, "loss": loss}
+
+
+def make_conv2d(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Conv2dModel().eval()
 
 
 def make_mlp(seed: int = 0) -> nn.Module:
@@ -89,10 +112,19 @@ MODELS = {
 }
 
 
+# name -> (factory, target modules, extra config fields): Conv2d and Embedding targets take delta mode only
+DELTA_ONLY_MODELS = {
+    "conv2d": (make_conv2d, ["conv2d"], {}),
+    "embedding": (make_llama, ["embed_tokens", "q_proj"], {}),
+}
+
+
 def example_inputs(name: str, seed: int = 1) -> dict:
     generator = torch.Generator().manual_seed(seed)
     if name == "mlp":
         return {"x": torch.randn(5, 12, generator=generator)}
+    if name == "conv2d":
+        return {"x": torch.randn(5, 45, generator=generator)}
     ids = torch.randint(1, VOCAB, (2, 9), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 

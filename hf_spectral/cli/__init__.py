@@ -6,7 +6,7 @@
 
 One module per command (``inspect``, ``compress``, ``spectrum``), each with its parser and its ``run``.
 Bad arguments get a one-line message and a non-zero exit (2 for usage, 1 for a failure), never a
-traceback; ``--debug`` shows it. Model loading and plotting libraries are imported inside the commands.
+traceback; ``--debug`` shows it. Other libraries' warnings are hidden unless ``--verbose``. Model loading and plotting libraries are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show the warnings of transformers, PEFT and optional libraries (hidden by default)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for command in (inspect, compress, spectrum):
@@ -42,7 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exit_:  # argparse has printed the usage and the error
         return int(exit_.code or 0)
     try:
-        with quiet_libraries():
+        with quiet_libraries(verbose=args.verbose):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("hf-spectral: interrupted", file=sys.stderr)

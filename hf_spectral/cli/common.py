@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import Optional
 
+from ..ecosystem.model_card import size_in_bytes  # noqa: F401  (the one byte formatter; the commands import it here)
+
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
@@ -60,14 +62,6 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
-def size_in_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -83,29 +77,63 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
+# loggers of optional libraries that PEFT imports when they are installed: their import-time notes (a CUDA-only
+# extension that did not load, a kernel not in the cache) concern features a command does not use
+OPTIONAL_EXTRAS_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "hqq", "kernels")
+
+
 @contextlib.contextmanager
-def quiet_libraries():
-    """transformers' and PEFT's advisory warnings would bury the report; errors still surface."""
+def quiet_libraries(verbose: bool = False):
+    """transformers', PEFT's and optional libraries' advisory output would bury the report; errors still surface.
+
+    With ``verbose`` nothing is silenced. transformers is not imported here (a command that needs no model must
+    start fast): if it is not loaded yet, ``TRANSFORMERS_VERBOSITY`` tells it its level when a command loads it.
+    """
+    if verbose:
+        yield
+        return
+    import logging
     import warnings
 
-    from transformers.utils import logging as hf_logging
+    loggers = {name: logging.getLogger(name) for name in OPTIONAL_EXTRAS_LOGGERS}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    loaded = "transformers" in sys.modules
+    if loaded:
+        from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    else:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    for logger in loggers.values():
+        logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        hf_logging.set_verbosity_error()
+        # PEFT's notes about the base it saves from (no config.json beside a .gguf, ...): not the user's to act on
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
         try:
             yield
         finally:
-            hf_logging.set_verbosity(verbosity)
+            for name, logger in loggers.items():
+                logger.setLevel(levels[name])
+            if env is None:
+                os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+            else:
+                os.environ["TRANSFORMERS_VERBOSITY"] = env
+            if "transformers" in sys.modules:
+                from transformers.utils import logging as hf_logging
+
+                before = verbosity if loaded else hf_logging.log_levels.get(env or "", hf_logging.WARNING)
+                hf_logging.set_verbosity(before)
 
 
 def model_order(name: str) -> tuple:
-    """Sort key that puts layers in model order: numbers compare as numbers (layers.2 before layers.10).
+    """Sort key for the layers of a saved adapter: numbers compare as numbers (layers.2 before layers.10).
 
-    A saved adapter lists its tensors alphabetically (layers.0, layers.1, layers.10, ...); this undoes that.
+    An adapter lists its tensors alphabetically (layers.0, layers.1, layers.10, ...) and keeps no record of the
+    model's order; this restores the order of the blocks, and within a block sorts by name.
     """
     parts = re.split(r"(\d+)", name)
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))

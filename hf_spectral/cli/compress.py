@@ -2,8 +2,8 @@
 coefficients. Reports each layer's error against its dense weight (from the coefficient space, by
 Parseval), the parameters and the bytes before and after (in memory, with and without the evaluation
 weight cache, and on disk), and with ``--text`` the perplexity before and after. A result that would take
-more disk than the dense model is refused before anything is written, unless ``--allow-growth``; more
-memory is said before writing."""
+more disk than the dense weights it loaded (dequantized, at ``--dtype``) is refused before anything is
+written, unless ``--allow-growth``; more memory is said before writing."""
 
 from __future__ import annotations
 
@@ -76,6 +76,16 @@ def resident_bytes(model) -> int:
     """Bytes of every parameter and buffer of ``model`` in memory, each storage counted once (tied weights)."""
     storages = {}
     for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of the model's parameters as loaded (dequantized, at the loaded dtype), each storage counted once: what
+    the dense weights take written as safetensors, whatever the input's own format (a 4-bit .gguf, a bf16 folder)."""
+    storages = {}
+    for tensor in model.parameters():
         storage = tensor.untyped_storage()
         storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
@@ -272,6 +282,7 @@ def run(args) -> int:
                              args.eval_length, model)
     before = sum(p.numel() for p in model.parameters())
     dense_memory = resident_bytes(model)
+    dense_weights = parameter_bytes(model)
     dense_files = stored_weight_files(args.model, args.revision)
     perplexity_before = None if rows is None else perplexity(model, rows)
     weights = _dense_linear_weights(model)
@@ -304,11 +315,11 @@ def run(args) -> int:
 
     _print_report(args, records, before, after)
     dense_disk = sum(dense_files.values()) if dense_files else None
-    _print_bytes(records, dense_memory, dense_disk, dense_files, memory, predicted)
+    _print_bytes(records, dense_memory, dense_weights, dense_disk, dense_files, memory, predicted, args.dtype)
     if rows is not None:
         print(f"perplexity on {args.text} ({len(rows)} windows of {args.eval_length} tokens): "
               f"{perplexity_before:.3f} before, {perplexity_after:.3f} after")
-    _check_growth(args, dense_memory, dense_disk, memory["without_cache"], predicted)
+    _check_growth(args, dense_memory, dense_weights, memory["without_cache"], predicted)
 
     os.makedirs(args.out, exist_ok=True)
     peft_model.save_pretrained(args.out)
@@ -322,7 +333,7 @@ def run(args) -> int:
         "compressed_layer_parameters_after": sum(r["n_coefficients"] for r in records),
         "bytes_before": {
             "compressed_layers": sum(r["dense_bytes"] for r in records), "model_in_memory": dense_memory,
-            "model_on_disk": dense_disk, "model_files": dense_files,
+            "dense_weights": dense_weights, "model_on_disk": dense_disk, "model_files": dense_files,
         },
         "bytes_after": {
             "compressed_layers_in_memory": sum(r["bytes_in_memory"] for r in records),
@@ -374,7 +385,7 @@ def _change(before, after) -> str:
     return f"{after / before - 1:+.1%}"
 
 
-def _print_bytes(records, dense_memory, dense_disk, dense_files, memory, predicted) -> None:
+def _print_bytes(records, dense_memory, dense_weights, dense_disk, dense_files, memory, predicted, dtype) -> None:
     dense_layers = sum(r["dense_bytes"] for r in records)
     in_memory = sum(r["bytes_in_memory"] for r in records)
     on_disk = sum(r["bytes_on_disk"] for r in records)
@@ -388,6 +399,8 @@ def _print_bytes(records, dense_memory, dense_disk, dense_files, memory, predict
         ["whole model, in memory", size_in_bytes(dense_memory), size_in_bytes(memory["without_cache"]),
          _change(dense_memory, memory["without_cache"])],
         ["  with the evaluation weight cache", "", size_in_bytes(with_cache), _change(dense_memory, with_cache)],
+        [f"whole model, dense weights as loaded ({dtype}) -> {WEIGHTS_FILE}", size_in_bytes(dense_weights),
+         size_in_bytes(predicted), _change(dense_weights, predicted)],
         [f"whole model, on disk ({disk_label} -> {WEIGHTS_FILE})",
          "?" if dense_disk is None else size_in_bytes(dense_disk), size_in_bytes(predicted),
          _change(dense_disk, predicted)],
@@ -397,34 +410,42 @@ def _print_bytes(records, dense_memory, dense_disk, dense_files, memory, predict
     kinds = {}
     for r in records:
         kinds[r["index_set"]] = kinds.get(r["index_set"], 0) + 1
+    saved = any(kind.startswith("saved") for kind in kinds)
     print("index sets: " + ", ".join(f"{kind} ({n} layers)" for kind, n in sorted(kinds.items())) +
-          " (saved: a bitmap of m x n bits or int32 positions, whichever is smaller)")
+          (" (saved: a bitmap of m x n bits or int32 positions, whichever is smaller)" if saved else ""))
     print(f"the weight cache holds one dense weight per layer in evaluation ({size_in_bytes(memory['cache'])}); "
           "hf_spectral.set_weight_cache(model, False) turns it off (each forward then rebuilds the weights)")
 
 
-def _check_growth(args, dense_memory: int, dense_disk, memory: int, predicted: int) -> None:
+def _check_growth(args, dense_memory: int, dense_weights: int, memory: int, predicted: int) -> None:
     """Say so, before anything is written, where the result is larger than the dense model: in memory a note; on
-    disk a refusal, unless --allow-growth."""
+    disk a refusal, unless --allow-growth. The dense size on disk is that of the weights as loaded (dequantized, at
+    --dtype), not of the input's files: a 4-bit .gguf is smaller than the dense model it holds."""
+    block = args.layout == "lowfreq"
     if memory > dense_memory:
+        advice = "" if block else "; --layout lowfreq holds no positions"
         print(
             f"note: in memory the compressed model takes {size_in_bytes(memory)} against the dense model's "
             f"{size_in_bytes(dense_memory)} ({_change(dense_memory, memory)}): a scattered layout holds each kept "
             "coefficient (float32) with its int32 position, 8 bytes against 4 for a dense fp32 entry, so above "
-            "fraction 0.5 it holds more than the dense weight; --layout lowfreq holds no positions.",
+            f"fraction 0.5 it holds more than the dense weight{advice}.",
             file=sys.stderr,
         )
-    if dense_disk is None or predicted <= dense_disk:
+    if predicted <= dense_weights:
         return
-    what = (f"{size_in_bytes(predicted)} on disk against the dense model's {size_in_bytes(dense_disk)} "
-            f"({_change(dense_disk, predicted)})")
+    what = (f"{size_in_bytes(predicted)} on disk against the dense model's {size_in_bytes(dense_weights)} "
+            f"({_change(dense_weights, predicted)}; its weights as loaded, {args.dtype})")
     if args.allow_growth:
         print(f"warning: the compressed model is larger than the dense one ({what}); writing it (--allow-growth)",
               file=sys.stderr)
         return
+    if args.layout in ("lowfreq", "triangle"):
+        why, fix = "", "Lower --fraction"
+    else:
+        why = " plus its index set"
+        fix = "Lower --fraction, use --layout lowfreq or triangle (no index set is saved)"
     raise CLIError(
         f"the compressed model would be larger than the dense one: {what}. At fraction {args.fraction} each layer "
-        "keeps that share of its coefficients (float32 even in a bf16 or fp16 model) plus its index set. Nothing "
-        "was written. Lower --fraction, use --layout lowfreq or triangle (no index set is saved), or pass "
-        "--allow-growth to write it anyway."
+        f"keeps that share of its coefficients (float32 even in a bf16 or fp16 model){why}. Nothing was written. "
+        f"{fix}, or pass --allow-growth to write it anyway."
     )

@@ -72,7 +72,7 @@ def _model_matrices(args):
 @contextlib.contextmanager
 def _one_thread():
     """Per-layer linear algebra on one thread: a Gram eigensolve of a few hundred rows gains nothing from more,
-    and on a busy machine OpenMP threads that wait for each other made it 20-200x slower (docs/cli.md)."""
+    and on a busy machine OpenMP threads that wait for each other make it many times slower."""
     import torch
 
     threads = torch.get_num_threads()
@@ -135,7 +135,7 @@ def _plot(results: list[tuple[str, dict]], title: str, out: str, max_panels: int
     try:
         import matplotlib
     except ImportError:
-        raise CLIError("spectrum needs matplotlib: pip install 'hf-spectral[recipes]' (or matplotlib).") from None
+        raise CLIError("spectrum needs matplotlib: pip install matplotlib (in a checkout: pip install -e '.[recipes]').") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

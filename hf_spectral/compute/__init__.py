@@ -1,6 +1,6 @@
 """How a spectral layer computes: exact compute paths (``dispatch``), their autograd pieces
-(``functions``), the cost model that ranks them (``cost_model``) and the measured choice ``auto``
-makes on this machine (``autotune``)."""
+(``functions``), the cost model that ranks them and that ``auto`` follows (``cost_model``), and the
+explicit measurement of the fastest path on this machine (``autotune``)."""
 
 from .cost_model import DEVICE_COSTS, DeviceCosts, choose_path, estimate_costs
 from .dispatch import PATHS, available_paths, run_path

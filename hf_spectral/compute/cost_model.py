@@ -5,8 +5,8 @@ Costs are in units of one float32 matmul flop on the device; each term below is 
 path does, with its count of flops or of elements passed over memory. The constants are measured per
 device type (``benchmarks/calibrate.py``) and fitted to forced-path timings (``benchmarks/README.md``).
 The model only ranks paths: every path is exact, so a wrong ranking costs time, never accuracy.
-``auto`` uses it to prune the candidates it times (``autotune.py``) and, under ``torch.compile`` or with
-timing turned off, to choose.
+``auto`` takes its cheapest path unless ``tune_compute_paths`` measured one (``autotune.py``, which uses it
+to prune the candidates it times).
 
 A space passed in here needs only ``m``, ``n``, ``k``, ``block`` and ``basis`` (a
 ``coefficient_space.CoefficientSpace``); this module imports nothing of the package.

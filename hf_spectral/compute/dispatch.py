@@ -23,8 +23,8 @@ spectral    the activation domain: ``IDCT_m(DCT_n(x) S^T)`` with FFT transforms;
             never builds an m x n matrix (DCT basis only)
 ==========  =========================================================================  =====================
 
-``auto`` takes the fastest measured on this machine (``autotune.choose``; the cost model's cheapest,
-``cost_model.choose_path``, where timing cannot run). Every transform runs in
+``auto`` takes the cost model's cheapest (``cost_model.choose_path``), or the path measured fastest on this
+machine by the explicit step ``hf_spectral.tune_compute_paths`` (``autotune.py``). Every transform runs in
 float32 (float64 for float64 models) and the result is cast back: torch's FFTs refuse bf16, and sums over
 thousands of coefficients lose too much in half precision. The matmuls that touch activations run in the
 activations' dtype, as the layer they replace would.

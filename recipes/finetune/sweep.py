@@ -33,6 +33,9 @@ from pathlib import Path
 def _init_worker(threads: int) -> None:
     import torch
 
+    from ..common import quiet_loading
+
+    quiet_loading()
     torch.set_num_threads(threads)
 
 
@@ -138,6 +141,9 @@ def run_timing(profile: dict, steps: int) -> None:
 
 
 def main(argv=None) -> None:
+    from ..common import quiet_loading
+
+    quiet_loading()  # before the first import of PEFT, whose optional backends log at import
     from .train import load_profile
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

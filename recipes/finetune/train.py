@@ -72,13 +72,14 @@ from ..common import (
     parameter_counts,
     parse_overrides,
     quiet,
+    quiet_loading,
     read_record,
     stable_rank,
     write_record,
 )
 from . import generative, measures
 from .arms import METHODS, peft_config_for
-from .data import load_rotten_tomatoes, resolve_model, shakespeare_blocks, shakespeare_text
+from .data import load_rotten_tomatoes, resolve_model, rotten_tomatoes_file, shakespeare_blocks, shakespeare_text
 
 __all__ = ["arm_settings", "load_profile", "parse_overrides", "parse_settings", "run"]  # the first three: common's
 
@@ -443,6 +444,8 @@ def make_record(
         "scaling": getattr(peft_config, "scaling", None),
         "settings": {k: v for k, v in settings.items() if k not in SWEEP_KEYS},
         "recipe": asdict(recipe),
+        # what local:rotten_tomatoes resolved to (the shared full file or the shipped sample)
+        "data_file": str(rotten_tomatoes_file(recipe.data) or recipe.data) if recipe.task == "cls" else recipe.data,
         "parameters": counts,
         "results": results,
         "train_loss": [(h["step"], h["loss"]) for h in history if "loss" in h],
@@ -576,6 +579,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="Run again even if run.json exists.")
     parser.add_argument("overrides", nargs="*", help="key=value settings over the profile's.")
     args = parser.parse_intermixed_args(argv)
+    quiet_loading()
     settings = arm_settings(load_profile(args.profile), args.arm)
     settings.update(parse_overrides(args.overrides))
     lr = args.lr if args.lr is not None else settings.get("lrs", [settings.get("learning_rate", 1e-3)])[0]

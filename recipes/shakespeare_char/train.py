@@ -400,6 +400,10 @@ def save_arm(model: nn.Module, kind: str, directory: Path) -> int:
         model.peft_config["default"].save_pretrained(str(directory))
     else:
         model.save_pretrained(str(directory))  # dense: the model; spectral: adapter + non-spectral tensors
+    # the architecture beside the weights (config.json), so GPT2LMHeadModel(GPT2Config.from_pretrained(directory))
+    # rebuilds the model the adapter goes on
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(str(directory))
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 

@@ -1,7 +1,7 @@
 """Checkpoint, kill and resume a sharded run: FSDP2 (torch.distributed.checkpoint) or DeepSpeed ZeRO-3.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/sharded_resume_worker.py --backend fsdp2 --out DIR
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/sharded_resume_worker.py \
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/workers/sharded_resume_worker.py --backend fsdp2 --out DIR
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/workers/sharded_resume_worker.py \
         --backend zero3 --out DIR [--hang-in-save-at 4] [--resume]
 
 A replace-mode tiny GPT-2 trains 6 steps with AdamW (each rank on half of a batch of 8), a checkpoint every
@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -1,6 +1,6 @@
 """SpectralAdamW (full and factored second moment) under DDP, FSDP2 and DeepSpeed ZeRO-2/3, on CPU over gloo.
 
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/sharded_optimizer_worker.py --out DIR
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/workers/sharded_optimizer_worker.py --out DIR
 
 For each wrapper and each ``moments`` ("weight", "factored") every rank builds the same replace-mode tiny
 GPT-2 (random layout, so the optimiser's scattered transform runs; embeddings, norms and the head train
@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402

@@ -1,6 +1,6 @@
 """Spectral layers under FSDP2 (``torch.distributed.fsdp.fully_shard``) on CPU processes over gloo.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/fsdp_worker.py --out DIR
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/workers/fsdp_worker.py --out DIR
 
 For each mode (delta, replace) every rank builds the same tiny GPT-2 with spectral layers, keeps an
 unsharded copy as the reference, shards the blocks and the root with ``fully_shard``, and then:
@@ -17,7 +17,7 @@ import copy
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

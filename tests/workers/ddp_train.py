@@ -1,9 +1,9 @@
 """A plain Accelerate training loop for a spectral model, run unchanged in one process or many.
 
     # two CPU processes over gloo (DDP); --cpu --num_processes 2 would silently run ONE process
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/ddp_train.py --out runs/ddp
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/workers/ddp_train.py --out runs/ddp
     # the same global batch in one process
-    python tests/ddp_train.py --out runs/single
+    python tests/workers/ddp_train.py --out runs/single
 
 Each process writes its trainable parameters to OUT/rank{R}.safetensors; the main process writes
 the per-step losses (averaged over processes) to OUT/losses.json and the adapter to OUT/adapter.
@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402

@@ -1,6 +1,6 @@
 """Spectral models under DeepSpeed ZeRO-2 and ZeRO-3 on CPU processes over gloo, launched by torchrun.
 
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/deepspeed_worker.py --out DIR
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/workers/deepspeed_worker.py --out DIR
 
 ``deepspeed.initialize`` is called directly with the shipped configs (recipes/configs/deepspeed_zero{2,3}.json,
 their "auto" entries filled in here as the HF Trainer would): without GPUs Accelerate's DeepSpeed plugin is not
@@ -25,7 +25,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402

@@ -1,9 +1,9 @@
 """Train a tiny replace-mode model with Trainer, checkpointing every 2 steps; resume from the last
 complete checkpoint if asked. Run by tests/test_resume.py, which kills it with SIGKILL mid-save.
 
-    python tests/resume_train.py --out DIR                      # an uninterrupted run
-    python tests/resume_train.py --out DIR --hang-in-save-at 4  # stops inside the save of step 4
-    python tests/resume_train.py --out DIR --resume             # resume from the last complete checkpoint
+    python tests/workers/resume_train.py --out DIR                      # an uninterrupted run
+    python tests/workers/resume_train.py --out DIR --hang-in-save-at 4  # stops inside the save of step 4
+    python tests/workers/resume_train.py --out DIR --resume             # resume from the last complete checkpoint
 
 At the end it writes every trainable parameter to DIR/final.safetensors and a summary to DIR/final.json.
 """
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 
 from ecosystem_utils import spectral_state, token_rows  # noqa: E402
 from peft import get_peft_model  # noqa: E402
