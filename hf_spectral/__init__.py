@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import importlib
 
-from ._peft_registry import SPECTRAL_PEFT_TYPE, install_mixed_model_support, install_patches, register
+from ._peft_registry import (
+    SPECTRAL_PEFT_TYPE,
+    install_hotswap_route,
+    install_mixed_model_support,
+    install_patches,
+    register,
+)
 from ._version import __version__
 from .coefficient_space import CoefficientSpace
 from .config import SpectralConfig
 from .ecosystem.hub import is_spectral_model, push_to_hub
 from .gradient_layout import init_gradient_layout
-from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from .hotswap import hotswap_adapter, is_spectral_adapter, prepare_model_for_compiled_hotswap
 from .layer import SpectralLayer, SpectralLinear
 from .loading import guard_peft_from_pretrained, guard_peft_load_adapter, guard_transformers_load_adapter
 from .model import (
@@ -34,6 +40,7 @@ register(SpectralConfig, SpectralModel)
 install_patches(push_to_hub, is_spectral_model, (guard_peft_from_pretrained, guard_peft_load_adapter,
                                                  guard_transformers_load_adapter))
 install_mixed_model_support(SpectralConfig, SpectralModel, SpectralLayer)
+install_hotswap_route(hotswap_adapter, is_spectral_adapter)
 
 # subpackages and modules reachable as attributes (``hf_spectral.optim``) without an explicit import
 _LAZY_MODULES = ("bases", "dct", "layouts", "mixing", "optim", "ecosystem", "compute", "cli")

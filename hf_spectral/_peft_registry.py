@@ -22,6 +22,9 @@ changes in other libraries (PEFT's and transformers' classes); nothing else in t
    ``MixedModel._create_and_replace``). Spectral delta adapters are added to those tuples and to the chain, so
    ``get_peft_model(model, lora_config, mixed=True)`` then ``add_adapter("s", SpectralConfig(...))`` works beside
    LoRA, LoHa, LoKr, AdaLoRA, OFT and SHiRA; replace mode is refused there (``tests/test_mixed_adapters.py``).
+6. ``peft.utils.hotswap.hotswap_adapter`` (:func:`install_hotswap_route`): PEFT's function swaps LoRA only; an
+   adapter that is spectral goes to ``hf_spectral.hotswap_adapter``, every other one to PEFT's
+   (``tests/test_hotswap.py``). Code that imported the function before hf_spectral was imported keeps PEFT's.
 
 The tests fail loudly if a peft release changes any of this (``tests/test_peft_registry.py``).
 """
@@ -147,3 +150,21 @@ def install_mixed_model_support(config_cls: type, model_cls: type, layer_cls: ty
 
     _create_and_replace._hf_spectral_original = original
     owner._create_and_replace = _create_and_replace
+
+
+def install_hotswap_route(spectral_hotswap, is_spectral_adapter) -> None:
+    """Item 6 of the module doc; idempotent. Both functions come from ``hf_spectral.hotswap``."""
+    from peft.utils import hotswap
+
+    original = hotswap.hotswap_adapter
+    if getattr(original, "_hf_spectral_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def hotswap_adapter(model, model_name_or_path, adapter_name, torch_device=None, **kwargs):
+        if is_spectral_adapter(model_name_or_path, **kwargs):
+            return spectral_hotswap(model, model_name_or_path, adapter_name, torch_device, **kwargs)
+        return original(model, model_name_or_path, adapter_name, torch_device=torch_device, **kwargs)
+
+    hotswap_adapter._hf_spectral_original = original
+    hotswap.hotswap_adapter = hotswap_adapter

@@ -26,7 +26,7 @@ import torch
 
 from .bases import basis_matrix
 from .compute import cost_model
-from .dct import dct2, dct_lastdim, idct_lastdim
+from .dct import dct2, dct_lastdim, idct_lastdim, scratch_buffer, uses_scratch
 from .index_codec import in_memory
 from .layouts import CALIBRATED_LAYOUTS, DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices
 
@@ -78,10 +78,19 @@ class CoefficientSpace:
     def size(self, side: str) -> int:
         return self.m if side == "out" else self.n
 
-    def analyse(self, x: torch.Tensor, side: str, keep: int, method: str, transpose: bool = False) -> torch.Tensor:
-        """The first ``keep`` coefficients of ``x``'s rows in the basis of ``side``."""
+    def analyse(
+        self, x: torch.Tensor, side: str, keep: int, method: str, transpose: bool = False, scratch: bool = False
+    ) -> torch.Tensor:
+        """The first ``keep`` coefficients of ``x``'s rows in the basis of ``side``.
+
+        ``scratch=True``: on the CPU, outside autograd, the result may be written into a scratch buffer
+        (``dct.scratch_buffer``) that the next such call overwrites; for a result used once, right away.
+        """
         if method == "fft":
-            return dct_lastdim(x, keep, transpose=transpose)
+            out = None
+            if scratch and x.dim() == 2 and uses_scratch(x):
+                out = scratch_buffer(f"analyse.{side}", (keep, x.shape[0]) if transpose else (x.shape[0], keep), x.dtype, x.device)
+            return dct_lastdim(x, keep, transpose=transpose, out=out)
         out = x @ self.basis_rows(side, x.dtype, x.device)[:keep].T
         return out.T.contiguous() if transpose else out
 
@@ -182,6 +191,19 @@ class CoefficientSpace:
         crow, col, order = self.sparse_pattern(values.device, transposed)
         shape = (self.n, self.m) if transposed else (self.m, self.n)
         return _csr(crow, col, values if order is None else values[order], shape)
+
+    def sparse_product(self, values: torch.Tensor, dense: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """``S @ dense`` (m x T; ``S^T @ dense``, n x T, if ``transposed``) for S of the coefficients ``values``.
+
+        On the CPU, outside autograd, the result is written into a scratch buffer (``dct.scratch_buffer``)
+        that the next such product overwrites: for a result used once, right away.
+        """
+        matrix = self.sparse_matrix(values, transposed)
+        if not uses_scratch(dense):
+            return matrix @ dense
+        rows = self.n if transposed else self.m
+        out = scratch_buffer(f"sparse_product.{transposed}", (rows, dense.shape[1]), dense.dtype, dense.device)
+        return torch.mm(matrix, dense, out=out)
 
     def sampled_product(self, a_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The K entries ``(a_t @ b)[row_k, col_k]`` of an (m x T) @ (T x n) product, without forming it.

@@ -18,12 +18,54 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 
 from . import fft_tables, triton_kernels
 
-__all__ = ["dct_basis", "dct2", "dct_lastdim", "idct_lastdim"]
+__all__ = ["dct_basis", "dct2", "dct_lastdim", "idct_lastdim", "scratch_buffer", "uses_scratch"]
+
+# Scratch space of the CPU transforms, per thread: their intermediates (the reordered signal, its spectrum,
+# the inverse FFT's output) are written into buffers kept from the last call of the same shape instead of
+# fresh allocations. A fresh buffer of a few megabytes costs the CPU allocator a page fault per 4 KiB touched
+# (the allocator returns large blocks to the system on free), which cost more than the FFT itself. At most
+# this many bytes are kept per thread (least recently used first out); a larger buffer is not kept.
+SCRATCH_BYTES = 64 << 20
+_scratch = threading.local()
+
+
+def scratch_buffer(role: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer for one intermediate (``role``), reused across calls on this thread: what is
+    written into it is valid until the next call with the same role and shape."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = OrderedDict()
+    key = (role, shape, dtype, device)
+    buffer = buffers.get(key)
+    if buffer is not None:
+        buffers.move_to_end(key)
+        return buffer
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    size = buffer.numel() * buffer.element_size()
+    if size <= SCRATCH_BYTES:
+        buffers[key] = buffer
+        held = sum(b.numel() * b.element_size() for b in buffers.values())
+        while held > SCRATCH_BYTES:
+            _, dropped = buffers.popitem(last=False)
+            held -= dropped.numel() * dropped.element_size()
+    return buffer
+
+
+def uses_scratch(x: torch.Tensor) -> bool:
+    """Scratch buffers serve CPU tensors outside autograd (``out=`` ops record no graph) and outside
+    ``torch.compile`` (which plans its own buffers)."""
+    return (
+        x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    )
 
 
 @functools.lru_cache(maxsize=128)
@@ -46,7 +88,9 @@ def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device |
     return _dct_basis_cached(n, dtype, torch.device(device) if device is not None else torch.device("cpu"))
 
 
-def dct_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool = False) -> torch.Tensor:
+def dct_lastdim(
+    x: torch.Tensor, keep: int | None = None, transpose: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Orthonormal DCT-II along the last dimension through a real FFT; only the first ``keep`` outputs.
 
     Makhoul (1980): reorder to [x0, x2, x4, ..., x5, x3, x1]; with V the FFT of the reordered signal
@@ -54,24 +98,37 @@ def dct_lastdim(x: torch.Tensor, keep: int | None = None, transpose: bool = Fals
     y_{n-k} = -Im(W_k). A real FFT gives V_0 .. V_{n//2}, which is all that is needed: half the
     memory and time of a complex FFT. Four passes over the data besides the FFT itself.
     ``transpose=True`` (2-D input) returns the result transposed and contiguous, in the same passes.
+    ``out``: a contiguous tensor of the result's shape to write it into (a scratch buffer), on the CPU.
     """
     n = x.shape[-1]
     keep = n if keep is None else keep
+    if x.numel() == 0:  # no rows (an empty batch): the FFT libraries refuse a zero batch
+        y = x.new_zeros(*x.shape[:-1], keep)
+        return y.transpose(-1, -2).contiguous() if transpose else y
     if x.is_cuda and triton_kernels.usable(x):
         return triton_kernels.dct_lastdim(x, keep, transpose)
     half = n // 2 + 1
-    v = x.index_select(-1, fft_tables.reorder_index(n, x.device))
-    w = torch.fft.rfft(v, dim=-1) * fft_tables.scaled_twiddle(n, False, x.dtype, x.device)
+    reorder = fft_tables.reorder_index(n, x.device)
+    twiddle = fft_tables.scaled_twiddle(n, False, x.dtype, x.device)
+    if uses_scratch(x):
+        v = torch.index_select(x, -1, reorder, out=scratch_buffer("dct.signal", tuple(x.shape), x.dtype, x.device))
+        spectrum_shape = (*x.shape[:-1], half)
+        w = scratch_buffer("dct.spectrum", spectrum_shape, twiddle.dtype, x.device)
+        torch.fft.rfft(v, dim=-1, out=w).mul_(twiddle)
+    else:
+        v = x.index_select(-1, reorder)
+        w = torch.fft.rfft(v, dim=-1) * twiddle
     if keep <= half:
         y = w.real[..., :keep]
-        return y.transpose(-1, -2).contiguous() if transpose else y.contiguous()
+        y = y.transpose(-1, -2) if transpose else y
+        return y.contiguous() if out is None else out.copy_(y)
     flat = torch.view_as_real(w).flatten(-2)
     index = fft_tables.dct_output_index(n, keep, x.device)
     if transpose:
-        y = flat.transpose(-1, -2).index_select(-2, index)
+        y = torch.index_select(flat.transpose(-1, -2), -2, index, **({} if out is None else {"out": out}))
         y[..., half:, :].neg_()
     else:
-        y = flat.index_select(-1, index)
+        y = torch.index_select(flat, -1, index, **({} if out is None else {"out": out}))
         y[..., half:].neg_()
     return y
 
@@ -86,8 +143,11 @@ def idct_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """
     q = coeffs.shape[-1]
     n = q if n is None else n
+    if coeffs.numel() == 0:  # no rows (an empty batch): the FFT libraries refuse a zero batch
+        return coeffs.new_zeros(*coeffs.shape[:-1], n)
     half = n // 2 + 1
     tw = fft_tables.scaled_twiddle(n, True, coeffs.dtype, coeffs.device)
+    scratch = uses_scratch(coeffs)
     if q <= n - half + 1:  # no y_{n-k} term is non-zero: a real-times-complex product
         spectrum = coeffs * tw[:q]
         if q < half:
@@ -96,9 +156,19 @@ def idct_lastdim(coeffs: torch.Tensor, n: int | None = None) -> torch.Tensor:
     else:
         if q < n:
             coeffs = torch.nn.functional.pad(coeffs, (0, n - q))
-        pairs = coeffs.index_select(-1, fft_tables.idct_input_index(n, coeffs.device))
-        spectrum = torch.view_as_complex(pairs.view(*pairs.shape[:-1], half, 2)) * tw
-    u = torch.fft.irfft(spectrum, n=n, dim=-1)
+        index = fft_tables.idct_input_index(n, coeffs.device)
+        if scratch:
+            shape = (*coeffs.shape[:-1], 2 * half)
+            pairs = torch.index_select(coeffs, -1, index, out=scratch_buffer("idct.pairs", shape, coeffs.dtype, coeffs.device))
+            spectrum = torch.view_as_complex(pairs.view(*pairs.shape[:-1], half, 2)).mul_(tw)
+        else:
+            pairs = coeffs.index_select(-1, index)
+            spectrum = torch.view_as_complex(pairs.view(*pairs.shape[:-1], half, 2)) * tw
+    if scratch:
+        shape = (*spectrum.shape[:-1], n)
+        u = torch.fft.irfft(spectrum, n=n, dim=-1, out=scratch_buffer("idct.signal", shape, coeffs.dtype, coeffs.device))
+    else:
+        u = torch.fft.irfft(spectrum, n=n, dim=-1)
     return u.index_select(-1, fft_tables.idct_output_index(n, coeffs.device))
 
 

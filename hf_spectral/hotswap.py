@@ -1,7 +1,8 @@
 """Hotswapping: replace a loaded spectral delta adapter's weights with another adapter's, in place.
 
-``hotswap_adapter(model, path, adapter_name)`` has PEFT's signature (``peft.utils.hotswap.hotswap_adapter``, which
-swaps LoRA only: its state-dict code is LoRA's, so it cannot dispatch here). Nothing is created: the coefficients
+``hotswap_adapter(model, path, adapter_name)`` has PEFT's signature; ``peft.utils.hotswap.hotswap_adapter`` itself
+swaps LoRA only (its state-dict code is LoRA's), so ``import hf_spectral`` routes spectral adapters given to it here
+(``_peft_registry.install_hotswap_route``). Nothing is created: the coefficients
 and index sets are copied into the tensors the model holds (``copy_``), so a ``torch.compile``d model runs on
 without recompiling. What makes that possible, and what is refused by name:
 
@@ -32,10 +33,30 @@ from ._peft_registry import PEFT_KEY_PREFIX
 from .coefficient_space import CoefficientSpace, make_space
 from .ecosystem.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
 from .index_codec import decode as decode_indices
-from .loading import check_adapter, local_folder, read_config
+from .loading import AdapterLoadError, check_adapter, local_folder, read_config
 from .model import spectral_layers
 
 __all__ = ["hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap"]
+
+
+def is_spectral_adapter(model_name_or_path, **kwargs) -> bool:
+    """Does ``model_name_or_path`` hold a spectral adapter? PEFT's ``hotswap_adapter`` asks before it reads the
+    adapter: a local folder is read; for a Hub id its config is fetched, as PEFT's function fetches it next."""
+    folder = local_folder(model_name_or_path, kwargs.get("subfolder"))
+    if folder is None:
+        from huggingface_hub import hf_hub_download
+        from peft.utils import CONFIG_NAME
+
+        hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs}
+        try:
+            folder = os.path.dirname(hf_hub_download(str(model_name_or_path), CONFIG_NAME,
+                                                     subfolder=kwargs.get("subfolder"), **hub))
+        except Exception:
+            return False  # PEFT's function reports it
+    try:
+        return read_config(folder) is not None
+    except AdapterLoadError:
+        return False  # an unreadable config: PEFT's function reports it
 
 
 def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str, torch_device: Optional[str] = None,

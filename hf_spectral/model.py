@@ -164,8 +164,12 @@ class SpectralModel(BaseTuner):
 
         A question, so it answers False for replace mode, where a layer asked directly (as the converter does)
         raises an error that says to merge instead."""
-        settings = [layer.spectral_settings.get(adapter_name) for _, layer in spectral_layers(self.model)]
-        return bool(settings) and all(s is not None and s.mode == "delta" for s in settings)
+        def converts(layer) -> bool:  # asked only of delta layers, which answer rather than raise
+            settings = layer.spectral_settings.get(adapter_name)
+            return settings is not None and settings.mode == "delta" and layer.supports_lora_conversion(adapter_name)
+
+        layers = [layer for _, layer in spectral_layers(self.model)]
+        return bool(layers) and all(converts(layer) for layer in layers)
 
     # ----------------------------------------------------------------------------------------------
     # checks before anything is changed

@@ -80,3 +80,36 @@ def test_bad_sizes_and_methods_are_errors():
         D.dct_basis(0)
     with pytest.raises(ValueError, match="method must be"):
         D.dct2(torch.zeros(2, 2), method="wavelet")
+
+
+@pytest.mark.parametrize("n", [7, 8, 33])
+def test_scratch_buffers_never_leak_into_results(n):
+    """The CPU transforms write their intermediates into reused buffers: a result must stay what it was when
+    the next transform of the same shape runs, and equal the one computed with autograd (no scratch)."""
+    first, second = torch.randn(5, n, dtype=torch.float64), torch.randn(5, n, dtype=torch.float64)
+    for keep in sorted({1, n // 2 + 1, n}):
+        for transpose in (False, True):
+            kept = D.dct_lastdim(first, keep, transpose=transpose)
+            kept_copy = kept.clone()
+            D.dct_lastdim(second, keep, transpose=transpose)
+            torch.testing.assert_close(kept, kept_copy, rtol=0, atol=0)
+            with torch.enable_grad():
+                reference = D.dct_lastdim(first.clone().requires_grad_(), keep, transpose=transpose)
+            torch.testing.assert_close(kept, reference.detach(), rtol=0, atol=1e-12)
+        coeffs = torch.randn(5, keep, dtype=torch.float64)
+        inverse = D.idct_lastdim(coeffs, n)
+        inverse_copy = inverse.clone()
+        D.idct_lastdim(torch.randn(5, keep, dtype=torch.float64), n)
+        torch.testing.assert_close(inverse, inverse_copy, rtol=0, atol=0)
+        torch.testing.assert_close(inverse, torch.from_numpy(scipy.fft.idct(np.pad(coeffs.numpy(), ((0, 0), (0, n - keep))), norm="ortho")))
+
+
+def test_scratch_space_stays_within_its_bound(monkeypatch):
+    monkeypatch.setattr(D, "SCRATCH_BYTES", 64 * 100 * 8)  # room for a few of the buffers below
+    monkeypatch.setattr(D._scratch, "buffers", None, raising=False)
+    for n in range(40, 140, 10):
+        D.dct_lastdim(torch.randn(64, n, dtype=torch.float64))
+        held = sum(b.numel() * b.element_size() for b in D._scratch.buffers.values())
+        assert 0 < held <= D.SCRATCH_BYTES
+    D.dct_lastdim(torch.randn(64, 1000, dtype=torch.float64))  # one buffer over the bound is not kept
+    assert all(key[1] != (64, 1000) for key in D._scratch.buffers)

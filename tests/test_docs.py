@@ -175,4 +175,4 @@ def test_cli_help_and_inspect_run_as_documented(tmp_path):
     adapter = REPO_ROOT / "tests" / "golden" / "v0.1.0" / "linear-delta-random-dct"
     result = _run([bin_of("hf-spectral"), "inspect", str(adapter)], tmp_path)
     assert "mode: delta" in result.stdout and "model.layers.0.self_attn.q_proj" in result.stdout
-    assert result.stderr == ""  # quiet by default: no warnings of optional libraries
+    assert result.stderr == ""  # quiet by default: no warnings of optional libraries (hf_spectral_cli.py)

@@ -67,3 +67,12 @@ def test_dropout_outside_its_range_is_refused(p):
 def test_dropout_in_replace_mode_is_refused():
     with pytest.raises(ValueError, match="spectral_dropout=0.1 needs mode='delta'"):
         SpectralConfig(mode="replace", spectral_dropout=0.1)
+
+
+def test_layers_with_dropout_stay_out_of_batched_rebuilds():
+    from hf_spectral import rebuild_groups
+
+    with_dropout = next(m for m in build(make_llama, ["q_proj"], 0.3).train().modules() if isinstance(m, SpectralLayer))
+    without = next(m for m in build(make_llama, ["q_proj"], 0.0).train().modules() if isinstance(m, SpectralLayer))
+    assert rebuild_groups._request(with_dropout) is None  # its forward never reads a merged weight
+    assert rebuild_groups._request(without) is not None

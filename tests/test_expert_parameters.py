@@ -107,6 +107,21 @@ def test_save_then_load_gives_identical_logits(name, tmp_path):
     torch.testing.assert_close(logits(loaded), expected)
 
 
+def test_linear_targets_and_experts_save_and_load_together(tmp_path):
+    config = SpectralConfig(target_modules=["q_proj"], target_parameters=TARGETS, n_coefficients=30, init_weights=False)
+    model = get_peft_model(make_qwen3_moe(), config).eval()
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_qwen3_moe(), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded), expected)
+    with loaded.disable_adapter():  # the experts' part is really loaded, not only q_proj's
+        assert not torch.allclose(logits(loaded), expected, atol=1e-4)
+    for name, module in loaded.named_modules():
+        if isinstance(module, ParamWrapper):
+            saved = model.get_submodule(name).spectral_expert_coefficients["default"]
+            torch.testing.assert_close(module.spectral_expert_coefficients["default"], saved)
+
+
 def test_a_second_adapter_and_linear_targets_beside_the_experts():
     model = get_peft_model(make_mixtral(), SpectralConfig(target_modules=["q_proj"], target_parameters=TARGETS,
                                                           n_coefficients=30, init_weights=False)).eval()

@@ -126,3 +126,29 @@ def test_compiled_model_does_not_recompile_on_a_hotswap(tmp_path, weight_cache):
             hf_spectral.hotswap_adapter(model, str(tmp_path / "c"), adapter_name="default")
             torch.testing.assert_close(compiled(**INPUTS).logits, expected_c, atol=1e-5, rtol=1e-5)
     assert any(isinstance(m, SpectralLayer) for m in model.modules())
+
+
+def test_pefts_own_hotswap_adapter_routes_spectral_adapters_here(tmp_path):
+    from peft.utils import hotswap as peft_hotswap
+
+    save_adapter(tmp_path / "a", 0)
+    expected = save_adapter(tmp_path / "b", 1)
+    model = loaded(tmp_path / "a")
+    peft_hotswap.hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default", torch_device="cpu")
+    torch.testing.assert_close(logits_of(model, INPUTS), expected, atol=1e-5, rtol=1e-5)
+    assert peft_hotswap.hotswap_adapter._hf_spectral_original is not None  # PEFT's own, for LoRA adapters
+
+
+def test_pefts_own_hotswap_adapter_still_swaps_lora_adapters(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import hotswap as peft_hotswap
+
+    expected = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        lora = get_peft_model(make_llama(), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+        lora.save_pretrained(tmp_path / str(seed))
+        expected[seed] = logits_of(lora.eval(), INPUTS)
+    model = PeftModel.from_pretrained(make_llama(), tmp_path / "0").eval()
+    peft_hotswap.hotswap_adapter(model, str(tmp_path / "1"), adapter_name="default", torch_device="cpu")
+    torch.testing.assert_close(logits_of(model, INPUTS), expected[1], atol=1e-5, rtol=1e-5)

@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import Optional
 
+from hf_spectral_cli import OPTIONAL_EXTRAS_LOGGERS  # the entry point quiets them before the package's import
+
 from ..ecosystem.model_card import size_in_bytes  # noqa: F401  (the one byte formatter; the commands import it here)
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -77,17 +79,14 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
-# loggers of optional libraries that PEFT imports when they are installed: their import-time notes (a CUDA-only
-# extension that did not load, a kernel not in the cache) concern features a command does not use
-OPTIONAL_EXTRAS_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "hqq", "kernels")
 
 
 @contextlib.contextmanager
 def quiet_libraries(verbose: bool = False):
     """transformers', PEFT's and optional libraries' advisory output would bury the report; errors still surface.
 
-    With ``verbose`` nothing is silenced. transformers is not imported here (a command that needs no model must
-    start fast): if it is not loaded yet, ``TRANSFORMERS_VERBOSITY`` tells it its level when a command loads it.
+    With ``verbose`` nothing is silenced. If transformers is not loaded yet, ``TRANSFORMERS_VERBOSITY`` tells it
+    its level when a command loads it.
     """
     if verbose:
         yield

@@ -172,13 +172,15 @@ def estimate_costs(
                 cost += small + t_in
             out[path] = cost
     elif space.basis == "dct":
+        # one fused function (functions.ScatteredSpectral): the transforms write the layout the sparse products
+        # read, and the frozen product is accumulated onto the update (no separate sum)
         t_in = transform_cost(costs, t, n, n, "fft")
         t_out = transform_cost(costs, t, m, m, "fft")
-        # the sparse product with S^T, and its layout change
-        sparse = costs.sparse * 2.0 * t * k + costs.elementwise * t * n + 2 * launch
-        cost = base + t_in + sparse + t_out + 3 * _OPS_FUNCTION * launch
+        sparse = costs.sparse * 2.0 * t * k + 2 * launch  # a sparse product with S (or S^T), or the sampled one
+        fused_base = base - (costs.elementwise * t * m + launch) if mode == "delta" else 0.0
+        cost = fused_base + t_in + sparse + t_out + _OPS_FUNCTION * launch
         if backward:
-            cost += t_out + costs.elementwise * t * m
+            cost += t_out  # DCT_m(g), shared by both gradients
         if coefficient_grad:
             cost += sparse
         if input_grad:

@@ -19,7 +19,8 @@ separate    delta mode: ``W0 x`` and ``s * dW x`` as two matmuls (PEFT FourierFT
 factored    block layouts: ``((x B_n[:q]^T) S^T) B_m[:p]``, three matmuls; never       x, T x q, T x p
             builds an m x n matrix
 spectral    the activation domain: ``IDCT_m(DCT_n(x) S^T)`` with FFT transforms;      T x q, or T x n
-            a block needs one p x q matmul, scattered positions a sparse product;
+            a block needs one p x q matmul, scattered positions a sparse product
+            (one fused function, ``ScatteredSpectral``: four transforms in all);
             never builds an m x n matrix (DCT basis only)
 ==========  =========================================================================  =====================
 
@@ -37,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .functions import Analyse, MergedLinear, SparseProduct, Synthesise, matrix, orient
+from .functions import Analyse, MergedLinear, ScatteredSpectral, Synthesise, matrix, orient
 
 __all__ = ["PATHS", "available_paths", "run_path"]
 
@@ -93,6 +94,12 @@ def run_path(
         delta = matrix(space, values) * scaling
         out = F.linear(x, orient(base_weight, fan_in_fan_out).to(x.dtype), bias)
         return out + F.linear(x, delta.to(x.dtype))
+    if path == "spectral" and space.block is None:  # scattered positions: one fused function
+        shape = x.shape
+        y = ScatteredSpectral.apply(
+            x.reshape(-1, shape[-1]), values, base_weight, bias, space, scaling, fan_in_fan_out
+        )
+        return y.view(*shape[:-1], space.m)
     update = _activation_update(path, x, values, space)
     if scaling != 1.0:
         update = update * scaling
@@ -102,21 +109,16 @@ def run_path(
 
 
 def _activation_update(path: str, x: torch.Tensor, values: torch.Tensor, space) -> torch.Tensor:
-    """``x W_S^T`` without building W_S: factored (matmul transforms) or spectral (FFT transforms)."""
+    """``x W_S^T`` for a block without building W_S: factored (matmul transforms) or spectral (FFT transforms)."""
     shape = x.shape
     x_2d = x.reshape(-1, shape[-1])
-    if space.block is not None:
-        p, q = space.block
-        if path == "factored":  # in the activations' dtype, as a dense layer would be
-            s = values.view(p, q).to(x.dtype)
-            u = Analyse.apply(x_2d, space, "in", q, "matmul")
-            out = Synthesise.apply(u @ s.T, space, "out", "matmul")
-        else:  # FFTs in the transform dtype
-            s = values.view(p, q)
-            u = Analyse.apply(x_2d.to(values.dtype), space, "in", q, "fft")
-            out = Synthesise.apply(u @ s.T, space, "out", "fft").to(x.dtype)
-        return out.view(*shape[:-1], space.m)
-    xd = Analyse.apply(x_2d.to(values.dtype), space, "in", space.n, "fft")
-    z = SparseProduct.apply(xd, values, space)
-    return Synthesise.apply(z, space, "out", "fft").to(x.dtype).view(*shape[:-1], space.m)
-
+    p, q = space.block
+    if path == "factored":  # in the activations' dtype, as a dense layer would be
+        s = values.view(p, q).to(x.dtype)
+        u = Analyse.apply(x_2d, space, "in", q, "matmul")
+        out = Synthesise.apply(u @ s.T, space, "out", "matmul")
+    else:  # FFTs in the transform dtype
+        s = values.view(p, q)
+        u = Analyse.apply(x_2d.to(values.dtype), space, "in", q, "fft")
+        out = Synthesise.apply(u @ s.T, space, "out", "fft").to(x.dtype)
+    return out.view(*shape[:-1], space.m)
