@@ -118,9 +118,10 @@ def adapter_file_bytes(model, peft_config) -> int:
 
 
 def general_text(source: str) -> str:
-    """General text to measure forgetting on: a text file (plain or .bz2), or the Rotten Tomatoes csv (its test
-    reviews, one per line: everyday English for a model adapted to another domain)."""
-    if ".csv" in Path(source).name:
+    """General text to measure forgetting on: a text file (plain or .bz2) or URL, or Rotten Tomatoes (the local csv
+    or a Hub dataset name: its test reviews, one per line, everyday English for a model adapted to another domain)."""
+    is_text = source.startswith(("http://", "https://")) or (Path(source).exists() and ".csv" not in Path(source).name)
+    if not is_text:
         return "\n".join(load_rotten_tomatoes(source)["test"]["text"])
     return shakespeare_text(source)
 
