@@ -186,6 +186,8 @@ def test_general_blocks_refuse_a_short_text(tiny, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
     with pytest.raises(ValueError, match="fewer than 32 tokens"):
         measures.general_blocks(str(tmp_path / "short.txt"), tokenizer, 32, 4)
+    with pytest.raises(FileNotFoundError, match="forgetting_data=.*missing.txt"):
+        measures.general_blocks(str(tmp_path / "missing.txt"), tokenizer, 32, 4)
     blocks = measures.general_blocks(str(tiny / "reviews.csv"), tokenizer, 8, 3)
     assert blocks.shape == (3, 8)
 

@@ -120,7 +120,11 @@ def adapter_file_bytes(model, peft_config) -> int:
 def general_text(source: str) -> str:
     """General text to measure forgetting on: a text file (plain or .bz2) or URL, or Rotten Tomatoes (the local csv
     or a Hub dataset name: its test reviews, one per line, everyday English for a model adapted to another domain)."""
-    is_text = source.startswith(("http://", "https://")) or (Path(source).exists() and ".csv" not in Path(source).name)
+    path = Path(source)
+    if not path.exists() and (path.suffix in (".txt", ".bz2", ".csv") or source.startswith((".", "/"))):
+        raise FileNotFoundError(f"forgetting_data={source!r} does not exist; give a text file, the Rotten Tomatoes "
+                                "csv, a URL or a Hub dataset name.")
+    is_text = source.startswith(("http://", "https://")) or (path.exists() and ".csv" not in path.name)
     if not is_text:
         return "\n".join(load_rotten_tomatoes(source)["test"]["text"])
     return shakespeare_text(source)
