@@ -22,6 +22,7 @@ from ._version import __version__
 from .coefficient_space import CoefficientSpace
 from .config import SpectralConfig
 from .ecosystem.hub import is_spectral_model, push_to_hub
+from .gradient_layout import init_gradient_layout
 from .hotswap import hotswap_adapter, is_spectral_adapter, prepare_model_for_compiled_hotswap
 from .layer import SpectralLayer, SpectralLinear
 from .loading import guard_peft_from_pretrained, guard_peft_load_adapter, guard_transformers_load_adapter
@@ -56,6 +57,7 @@ __all__ = [
     "dct",
     "describe_compute_paths",
     "hotswap_adapter",
+    "init_gradient_layout",
     "layouts",
     "prepare_model_for_compiled_hotswap",
     "set_compute_path",

@@ -45,6 +45,7 @@ from .ecosystem.adapter_files import (
     WEIGHTS_NAME,
     AdapterFileError,
 )
+from .layouts import SAVED_LAYOUTS
 
 __all__ = [
     "AdapterLoadError", "FINGERPRINT_FIELDS", "check_adapter", "fingerprints", "partial_load_allowed", "transaction",
@@ -279,7 +280,7 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
         count = stored[COEFFICIENTS_SUFFIX]
         key = PEFT_KEY_PREFIX + name
         indices = get_tensor(key + INDICES_SUFFIX) if INDICES_SUFFIX in stored else None
-        if indices is None and config.layout in ("energy", "banded"):
+        if indices is None and config.layout in SAVED_LAYOUTS:
             raise _problem(weights, f"has no index set for layer {name!r} (layout {config.layout!r} saves one).",
                            "The file is damaged; save the adapter again.")
         try:
