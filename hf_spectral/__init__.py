@@ -24,6 +24,7 @@ from .io.hub import is_spectral_model, push_to_hub
 from .io.loading import guard_peft_from_pretrained, guard_peft_load_adapter, guard_transformers_load_adapter
 from .transforms.coefficient_space import CoefficientSpace
 from .tuner.config import SpectralConfig
+from .tuner.gradient_layout import init_gradient_layout
 from .tuner.hotswap import hotswap_adapter, is_spectral_adapter, prepare_model_for_compiled_hotswap
 from .tuner.layer import SpectralLayer, SpectralLinear
 from .tuner.model import (
@@ -47,7 +48,7 @@ install_hotswap_route(hotswap_adapter, is_spectral_adapter)
 _MOVED = {
     "config": "tuner.config", "model": "tuner.model", "layer": "tuner.layer", "quantized": "tuner.quantized",
     "dropout": "tuner.dropout", "embedding_conv": "tuner.embedding_conv", "expert_parameters": "tuner.expert_parameters",
-    "hotswap": "tuner.hotswap",
+    "hotswap": "tuner.hotswap", "gradient_layout": "tuner.gradient_layout",
     "bases": "transforms.bases", "dct": "transforms.dct", "fft_tables": "transforms.fft_tables",
     "layouts": "transforms.layouts", "coefficient_space": "transforms.coefficient_space",
     "index_codec": "transforms.index_codec", "stable_random": "transforms.stable_random",
@@ -80,6 +81,7 @@ __all__ = [
     "dct",
     "describe_compute_paths",
     "hotswap_adapter",
+    "init_gradient_layout",
     "layouts",
     "prepare_model_for_compiled_hotswap",
     "set_compute_path",
@@ -98,3 +100,8 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_MODULES))
+
+
+from .mixing.auto import register_configs as _register_mixer_types  # noqa: E402
+
+_register_mixer_types()  # mixer model types with AutoConfig / AutoModelForCausalLM (hf_spectral.mixing.auto)

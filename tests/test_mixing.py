@@ -273,8 +273,91 @@ def test_mixer_plus_replace_mode_has_no_attention_and_no_dense_matrix_and_reload
     )
 
 
-def test_bf16_model_keeps_a_float32_dictionary_and_runs():
-    model = mixer_model("llama").to(torch.bfloat16)
+DICTIONARY = ("omega", "log_decay", "phase", "prior_means", "prior_log_scales", "prior_logits")
+
+
+def dictionary_dtypes(model):
+    return {p.dtype for n, p in model.named_parameters() if n.rpartition(".")[2] in DICTIONARY}
+
+
+def test_bf16_model_keeps_a_float32_dictionary_that_small_steps_still_move():
+    model = mixer_model("llama", prior_weight=0.1).to(torch.bfloat16)
+    assert dictionary_dtypes(model) == {torch.float32}
+    mixers = [m for m in model.modules() if isinstance(m, SpectralMixer)]
+    assert {m.in_proj.weight.dtype for m in mixers} == {torch.bfloat16}
+    model.float().half().bfloat16()  # every route through Module._apply
+    assert dictionary_dtypes(model) == {torch.float32}
+    before = [m.omega.detach().clone() for m in mixers]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    model.train()
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    assert {m.omega.grad.dtype for m in mixers} == {torch.float32}
+    optimizer.step()
+    assert all((m.omega.detach() != b).all() for m, b in zip(mixers, before, strict=True))  # bf16 would round it away
     with torch.no_grad():
-        logits = model(input_ids=ids()).logits
+        logits = model.eval()(input_ids=ids()).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_converting_the_dtype_does_not_round_the_dictionary():
+    model = mixer_model()
+    omega = [m.omega.detach().clone() for m in model.modules() if isinstance(m, SpectralMixer)]
+    model.to(torch.bfloat16).to(torch.float32)
+    assert all(torch.equal(m.omega, o) for m, o in zip(
+        [m for m in model.modules() if isinstance(m, SpectralMixer)], omega, strict=True))
+
+
+def test_loading_in_bf16_keeps_the_dictionary_float32(tmp_path):
+    model = mixer_model("gpt2", prior_weight=0.1)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert dictionary_dtypes(loaded) == {torch.float32}
+    assert loaded.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    mixer = loaded.transformer.h[0].attn
+    assert mixer.in_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(mixer.omega, model.transformer.h[0].attn.omega)  # loaded exactly, not through bf16
+
+
+def test_positions_past_gpt2s_learned_table_raise_naming_the_limit():
+    model = mixer_model("gpt2")  # n_positions=32
+    with torch.no_grad():
+        model(input_ids=ids(length=32))
+        with pytest.raises(ValueError, match=r"position 32 is past .*n_positions=32"):
+            model(input_ids=ids(length=33))
+    with pytest.raises(ValueError, match="n_positions=32"):
+        model.generate(ids(batch=1, length=30), max_new_tokens=5, do_sample=False)
+    with torch.no_grad():  # a Llama mixer model has no position table, so no limit
+        assert mixer_model("llama")(input_ids=ids(length=40)).logits.shape[1] == 40
+
+
+@pytest.mark.parametrize("name, fields, rates", [
+    ("gpt2", {"attn_pdrop": 0.3, "resid_pdrop": 0.2}, (0.3, 0.2)),
+    ("llama", {"attention_dropout": 0.25}, (0.25, 0.0)),
+])
+def test_dropout_keeps_the_attentions_rates_in_training_mode_only(name, fields, rates):
+    model = replace_attention(FACTORIES[name](**fields))
+    mixers = [m for m in model.modules() if isinstance(m, SpectralMixer)]
+    assert {(m.mix_dropout.p, m.output_dropout.p) for m in mixers} == {rates}
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=x).logits, model(input_ids=x).logits)
+        model.train()
+        torch.manual_seed(0)
+        first = model(input_ids=x).logits
+        torch.manual_seed(1)
+        assert not torch.equal(first, model(input_ids=x).logits)
+        for m in mixers:  # the difference comes from the mixers' dropout
+            m.mix_dropout.p = m.output_dropout.p = 0.0
+        if name == "llama":  # Llama has no other dropout: now the training forward is deterministic
+            assert torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_n_atoms_help_matches_the_matched_k():
+    import dataclasses
+
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(SpectralMixingConfig)}["n_atoms"]
+    assert "K = d - 1 for GPT-2 and for a Llama without grouped key/value heads" in help_text
+    d = 32
+    assert mixer_model("gpt2").config.spectral_mixing["n_atoms"] == d - 1
+    assert replace_attention(make_llama(num_key_value_heads=4)).config.spectral_mixing["n_atoms"] == d - 1
+    assert mixer_model("llama").config.spectral_mixing["n_atoms"] < d - 1  # grouped key/value heads

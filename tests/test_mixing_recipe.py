@@ -44,21 +44,58 @@ def test_bad_inputs_are_named(tmp_path):
 @pytest.mark.parametrize("arm", ["attention", "mixer", "mixer_spectral"])
 def test_smoke_run_writes_its_record_and_follows_the_pinned_losses(tmp_path, arm):
     result = train.main([SMOKE, "--arm", arm, f"runs_dir={tmp_path}", "threads=1"])
-    record = json.loads((tmp_path / "smoke" / arm / "seed0" / "run.json").read_text())
+    record = json.loads((tmp_path / "smoke" / arm / "lr0.002" / "seed0" / "run.json").read_text())
     assert record["val_loss"] == result["val_loss"] and math.isfinite(record["val_loss"])
     assert record["val_loss"] < math.log(65)
     losses = [loss for _, loss in record["train_curve"]]
     assert losses == pytest.approx(PINNED[arm], abs=3e-3)
     assert record["parameters"]["total"] > 0 and record["tokens"] == 6 * 4 * 32
+    assert [tokens for tokens, _, _ in record["val_curve"]] == [3 * 4 * 32, 6 * 4 * 32]
+    seconds = [s for _, _, s in record["val_curve"]]
+    assert 0 <= seconds[0] <= seconds[1] <= record["train_seconds"] + 0.1  # training time so far, rounded to 0.1 s
+    assert record["best_val_loss"] == min(v for _, v, _ in record["val_curve"])
 
 
-def test_compare_table_puts_attention_first_and_reports_the_difference(tmp_path):
+def test_compare_picks_each_arms_best_rate_and_reads_at_equal_tokens_and_time(tmp_path):
     for arm in ("mixer", "attention"):
-        train.main([SMOKE, "--arm", arm, f"runs_dir={tmp_path}", "threads=1", "max_steps=2"])
-    table = compare.rows(compare.collect([str(tmp_path / "smoke")]))
-    assert [r["arm"] for r in table] == ["attention", "mixer"]
-    assert table[1]["vs_attention"] == pytest.approx(table[1]["val_loss"] - table[0]["val_loss"])
-    assert "| 32 | mixer | 31 |" in compare.markdown(table)
+        for lr in (2e-3, 1e-2):
+            train.main([SMOKE, "--arm", arm, f"runs_dir={tmp_path}", "threads=1", "max_steps=2", "eval_every=1",
+                        f"learning_rate={lr}"])
+    runs = compare.collect([str(tmp_path / "smoke")])
+    table = compare.rows(runs)
+    assert [(r["arm"], r["learning_rate"]) for r in table] == [
+        ("attention", 2e-3), ("attention", 1e-2), ("mixer", 2e-3), ("mixer", 1e-2)]
+    for arm in ("attention", "mixer"):
+        mine = [r for r in table if r["arm"] == arm]
+        assert [r["best_lr"] for r in mine].count(True) == 1
+        assert next(r for r in mine if r["best_lr"])["best_val_loss"] == min(r["best_val_loss"] for r in mine)
+    attention = next(r for r in table if r["arm"] == "attention" and r["best_lr"])
+    mixer = next(r for r in table if r["arm"] == "mixer" and r["best_lr"])
+    assert mixer["vs_attention"] == pytest.approx(mixer["val_loss"] - attention["val_loss"])
+    assert f"| 32 | mixer | 31 | {mixer['learning_rate']:g} (best) |" in compare.markdown(table)
+    tokens = compare.equal_tokens(runs, table)
+    assert [(r["arm"], r["tokens"]) for r in tokens] == [("attention", 128), ("attention", 256), ("mixer", 128), ("mixer", 256)]
+    timed = compare.equal_time(runs, table)
+    assert timed[0]["train_seconds"] == timed[1]["train_seconds"] == min(attention["train_seconds"], mixer["train_seconds"])
+
+
+def test_interpolation_along_the_validation_curve_in_seconds():
+    curve = [[100, 3.0, 10.0], [200, 2.0, 20.0], [300, 1.5, 40.0]]
+    assert compare.interpolate(curve, 15.0) == pytest.approx(2.5)
+    assert compare.interpolate(curve, 30.0) == pytest.approx(1.75)
+    assert compare.interpolate(curve, 5.0) is None  # before the first evaluation: no reading
+    assert compare.interpolate(curve, 50.0) == 1.5
+
+
+def test_sweep_plans_every_arm_at_every_rate_seed_major(tmp_path):
+    from recipes.spectral_mixing import sweep
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nseeds: [0, 1]\nlearning_rates: [0.001, 0.002]\narms: [{arm: attention}, {arm: mixer}]\n")
+    plan = sweep.plan(str(profile))
+    assert plan[:4] == [("attention", 0.001, 0), ("mixer", 0.001, 0), ("attention", 0.002, 0), ("mixer", 0.002, 0)]
+    assert len(plan) == 8 and sweep.plan(str(profile), seeds=[2], learning_rates=[0.01]) == [
+        ("attention", 0.01, 2), ("mixer", 0.01, 2)]
 
 
 def test_bench_summary_fits_slopes_and_finds_the_crossover():

@@ -37,6 +37,7 @@ from torch import nn
 
 from .._peft_registry import PEFT_KEY_PREFIX
 from ..transforms import index_codec
+from ..transforms.layouts import SAVED_LAYOUTS
 from .adapter_files import (
     COEFFICIENTS_SUFFIX,
     CONFIG_NAME,
@@ -279,7 +280,7 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
         count = stored[COEFFICIENTS_SUFFIX]
         key = PEFT_KEY_PREFIX + name
         indices = get_tensor(key + INDICES_SUFFIX) if INDICES_SUFFIX in stored else None
-        if indices is None and config.layout in ("energy", "banded"):
+        if indices is None and config.layout in SAVED_LAYOUTS:
             raise _problem(weights, f"has no index set for layer {name!r} (layout {config.layout!r} saves one).",
                            "The file is damaged; save the adapter again.")
         try:

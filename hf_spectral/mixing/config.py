@@ -24,7 +24,9 @@ class SpectralMixingConfig:
     n_atoms: int | None = field(
         default=None,
         metadata={"help": "K, atoms per layer. None: the K whose mixer has the parameter count of the attention it replaces "
-                  "(4 d K weights: K = d for GPT-2). The recurrent state per layer is K complex numbers."},
+                  "(4 d K weights and 3 K (+ 3 K + d biases) against 4 d^2 (+ 4 d): K = d - 1 for GPT-2 and for a "
+                  "Llama without grouped key/value heads, fewer with them). The recurrent state per layer is K "
+                  "complex numbers."},
     )
     min_half_life: float = field(
         default=1.0,
@@ -51,11 +53,14 @@ class SpectralMixingConfig:
     )
     reconstruction_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the time-domain embedding reconstruction term (0: off). 0.1 is a mild pull."},
+        metadata={"help": "Weight of the time-domain reconstruction term (0: off): the layer's input sequence rebuilt "
+                  "through the dictionary's atoms and the coefficients the mixer uses (its output), relative squared "
+                  "error over real tokens. 0.1 is a mild pull."},
     )
     stft_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the STFT-magnitude matching term on the same reconstruction (0: off)."},
+        metadata={"help": "Weight of the STFT-magnitude matching term over time on the same reconstruction, padding "
+                  "masked (0: off)."},
     )
     stft_window: int = field(
         default=32,
@@ -64,11 +69,18 @@ class SpectralMixingConfig:
     prior_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the Gaussian-mixture prior (negative log-likelihood per coordinate) on the "
-                  "per-token mixing vectors (0: off; the mixture's parameters exist only when it is on)."},
+                  "per-token read coefficients the reconstruction uses (0: off; the mixture's parameters exist "
+                  "only when it is on)."},
     )
     prior_components: int = field(
         default=8,
         metadata={"help": "Components of the Gaussian mixture (diagonal covariances), when prior_weight > 0."},
+    )
+    prior_min_scale: float = field(
+        default=0.01,
+        metadata={"help": "Floor on the mixture's standard deviations (scale = floor + exp(log_scale)): bounds the "
+                  "prior's negative log-likelihood below by log(floor) + log(2 pi) / 2 per coordinate, so the "
+                  "components cannot collapse onto points. About the spread expected of a mixing coefficient."},
     )
 
     def __post_init__(self):
@@ -103,6 +115,13 @@ class SpectralMixingConfig:
                 raise ValueError(f"{name}={value!r} is not allowed: give a weight >= 0 (0 turns the term off).")
         if isinstance(self.stft_window, bool) or not isinstance(self.stft_window, int) or self.stft_window < 2:
             raise ValueError(f"stft_window={self.stft_window!r} is not allowed: give an integer >= 2 (tokens), e.g. 32.")
+        if isinstance(self.prior_min_scale, bool) or not isinstance(self.prior_min_scale, (int, float)) or not (
+            self.prior_min_scale > 0 and math.isfinite(self.prior_min_scale)
+        ):
+            raise ValueError(
+                f"prior_min_scale={self.prior_min_scale!r} is not allowed: give a positive floor on the prior's "
+                "scales, e.g. 0.01 (without one the prior's likelihood is unbounded)."
+            )
         if isinstance(self.prior_components, bool) or not isinstance(self.prior_components, int) or self.prior_components < 1:
             raise ValueError(
                 f"prior_components={self.prior_components!r} is not allowed: give a positive integer, e.g. 8."

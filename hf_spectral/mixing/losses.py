@@ -1,9 +1,12 @@
 """The paper's auxiliary objectives, as pure functions, and their weighted sum over a model's mixers.
 
-- time domain: the embedding rebuilt from its mixing vector, relative squared error;
-- frequency domain: STFT magnitudes of the rebuilt sequence against the input's, along positions;
-- a Gaussian-mixture prior (diagonal, learned) on the per-token mixing vectors: negative log-likelihood
-  per coordinate.
+Each mixer rebuilds its input sequence h (B, T, d) through its dictionary: the synthesis
+``W_o (c_t * Re(e^{i theta} sum_s a^(t-s) u_s))`` of the atoms with the coefficients it uses (its own output).
+
+- time domain: that rebuilt sequence against h, relative squared error over the real tokens;
+- frequency domain: STFT magnitudes along positions of the rebuilt sequence against h's, padding zeroed in both;
+- a Gaussian-mixture prior (diagonal, learned, scales floored) on the read coefficients c_t of that synthesis:
+  negative log-likelihood per coordinate, bounded below by ``log(min_scale) + log(2 pi) / 2``.
 
 Each mixer computes its terms in training mode when their weight is above 0 (``last_terms``);
 ``auxiliary_loss(model)`` adds them up with their weights, and ``replace_attention`` makes the model's
@@ -39,26 +42,42 @@ def stft_magnitudes(signal: torch.Tensor, window: int) -> torch.Tensor:
     return spectrum.abs()
 
 
-def stft_magnitude_error(target: torch.Tensor, rebuilt: torch.Tensor, window: int) -> torch.Tensor:
-    """sum (|S(h_hat)| - |S(h)|)^2 / sum |S(h)|^2: the frequency-domain match of the rebuilt sequence."""
+def stft_magnitude_error(
+    target: torch.Tensor, rebuilt: torch.Tensor, window: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum (|S(h_hat)| - |S(h)|)^2 / sum |S(h)|^2 over time: the frequency-domain match of the rebuilt sequence.
+
+    Padding (``valid`` 0) is zeroed in both sequences first, so what padded positions hold never counts.
+    """
+    if valid is not None:
+        target, rebuilt = target * valid[..., None], rebuilt * valid[..., None]
     reference = stft_magnitudes(target, window)
     return (stft_magnitudes(rebuilt, window) - reference).pow(2).sum() / reference.pow(2).sum().detach().clamp_min(1e-12)
 
 
 def gmm_negative_log_likelihood(
-    vectors: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, logits: torch.Tensor,
+    vectors: torch.Tensor, means: torch.Tensor, scales: torch.Tensor, logits: torch.Tensor,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-log sum_g pi_g N(c | mu_g, diag sigma_g^2), averaged over tokens and divided by the dimension K."""
+    """-log sum_g pi_g N(c | mu_g, diag sigma_g^2), averaged over tokens and divided by the dimension K.
+
+    With every scale >= s_min the density is at most (2 pi s_min^2)^(-K/2), so the result is
+    >= ``gmm_lower_bound(s_min)``: a floor on the scales is what keeps the prior from collapsing onto points.
+    """
     c = vectors.reshape(-1, vectors.shape[-1])[:, None, :]  # (N, 1, K)
-    z = (c - means[None]) * torch.exp(-log_scales)[None]
-    log_normal = -0.5 * z.pow(2).sum(-1) - log_scales.sum(-1)[None] - 0.5 * means.shape[-1] * math.log(2 * math.pi)
+    z = (c - means[None]) / scales[None]
+    log_normal = -0.5 * z.pow(2).sum(-1) - torch.log(scales).sum(-1)[None] - 0.5 * means.shape[-1] * math.log(2 * math.pi)
     log_likelihood = torch.logsumexp(torch.log_softmax(logits, dim=0)[None] + log_normal, dim=1)
     per_coordinate = -log_likelihood / means.shape[-1]
     if valid is None:
         return per_coordinate.mean()
     weights = valid.reshape(-1)
     return (per_coordinate * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def gmm_lower_bound(min_scale: float) -> float:
+    """The least value ``gmm_negative_log_likelihood`` can take when every scale is >= min_scale."""
+    return math.log(min_scale) + 0.5 * math.log(2 * math.pi)
 
 
 _WEIGHTS = {"reconstruction": "reconstruction_weight", "stft": "stft_weight", "prior": "prior_weight"}

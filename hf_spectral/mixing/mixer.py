@@ -33,21 +33,29 @@ class SpectralMixer(nn.Module):
 
     is_spectral_mixer = True
 
-    def __init__(self, hidden_size: int, n_atoms: int, config: SpectralMixingConfig, layer_idx: int, bias: bool):
+    # float32 whatever the model's dtype (see _apply): one bf16 step cannot move a frequency of ~1 by lr * 1e-3
+    FLOAT32_PARAMETERS = ("omega", "log_decay", "phase", "prior_means", "prior_log_scales", "prior_logits")
+
+    def __init__(self, hidden_size: int, n_atoms: int, config: SpectralMixingConfig, layer_idx: int, bias: bool,
+                 mix_dropout: float = 0.0, output_dropout: float = 0.0):
         super().__init__()
         self.hidden_size, self.n_atoms, self.layer_idx = hidden_size, n_atoms, layer_idx
         self.mixing_config = config
         self.in_proj = nn.Linear(hidden_size, 2 * n_atoms, bias=bias)
         self.coef_proj = nn.Linear(hidden_size, n_atoms, bias=bias)
         self.out_proj = nn.Linear(n_atoms, hidden_size, bias=bias)
-        self.omega = nn.Parameter(torch.empty(n_atoms))
-        self.log_decay = nn.Parameter(torch.empty(n_atoms))
-        self.phase = nn.Parameter(torch.empty(n_atoms))
+        # the replaced attention's rates: on the read mix (as on attention weights) and on the output
+        self.mix_dropout = nn.Dropout(mix_dropout)
+        self.output_dropout = nn.Dropout(output_dropout)
+        fp32 = torch.float32
+        self.omega = nn.Parameter(torch.empty(n_atoms, dtype=fp32))
+        self.log_decay = nn.Parameter(torch.empty(n_atoms, dtype=fp32))
+        self.phase = nn.Parameter(torch.empty(n_atoms, dtype=fp32))
         if config.prior_weight > 0:
             groups = config.prior_components
-            self.prior_means = nn.Parameter(torch.empty(groups, n_atoms))
-            self.prior_log_scales = nn.Parameter(torch.zeros(groups, n_atoms))
-            self.prior_logits = nn.Parameter(torch.zeros(groups))
+            self.prior_means = nn.Parameter(torch.empty(groups, n_atoms, dtype=fp32))
+            self.prior_log_scales = nn.Parameter(torch.zeros(groups, n_atoms, dtype=fp32))
+            self.prior_logits = nn.Parameter(torch.zeros(groups, dtype=fp32))
         self.record_terms = False  # compute the auxiliary terms even at weight 0 (for diagnostics)
         self.last_terms: dict[str, torch.Tensor] = {}
         self.reset_dictionary()
@@ -70,6 +78,20 @@ class SpectralMixer(nn.Module):
             linear.weight.normal_(0.0, scale)
             if linear.bias is not None:
                 linear.bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` move the dictionary but keep it float32 (never rounded)."""
+        keep = {id(p) for name, p in self._parameters.items() if name in self.FLOAT32_PARAMETERS and p is not None}
+        keep |= {id(p.grad) for name, p in self._parameters.items()
+                 if name in self.FLOAT32_PARAMETERS and p is not None and p.grad is not None}
+
+        def apply(tensor):
+            if id(tensor) not in keep:
+                return fn(tensor)
+            probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))  # where and as what fn puts it
+            return fn(tensor) if probe.dtype == tensor.dtype else tensor.to(device=probe.device)
+
+        return super()._apply(apply, recurse)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, n_atoms={self.n_atoms}, layer_idx={self.layer_idx}"
@@ -98,31 +120,34 @@ class SpectralMixer(nn.Module):
             mixed = atoms.causal_mix(u, log_a, state)
             read = (mixed * torch.polar(torch.ones_like(self.phase.float()), self.phase.float())).real
             coefficients = _GATES[self.mixing_config.gate](pre_coefficients.float())
-            output = self.out_proj((coefficients * read).to(hidden_states.dtype))
+            synthesis = self.out_proj(self.mix_dropout(coefficients * read).to(hidden_states.dtype))
+            output = self.output_dropout(synthesis)
         if slot is not None:
             slot.store(mixed[:, -1], length)
-        self._auxiliary_terms(hidden_states, written, pre_coefficients, valid)
+        self._auxiliary_terms(hidden_states, synthesis, coefficients, valid)
         return output, None
 
-    def _auxiliary_terms(self, hidden_states, written, pre_coefficients, valid) -> None:
+    def _auxiliary_terms(self, hidden_states, synthesis, coefficients, valid) -> None:
+        """The paper's terms on what the mixer computed: its input sequence h, rebuilt as the synthesis
+        ``W_o (c_t * Re(e^{i theta} sum_s a^(t-s) u_s))`` through the atoms and the coefficients it uses, and the
+        gated read coefficients c_t (the mixing vectors of that synthesis) under the Gaussian-mixture prior."""
         cfg = self.mixing_config
         self.last_terms = {}
         if not (self.training or self.record_terms):
             return
-        want_recon = cfg.reconstruction_weight > 0 or cfg.stft_weight > 0 or self.record_terms
-        if want_recon:
-            target = hidden_states.float()
-            bias = self.in_proj.bias.float() if self.in_proj.bias is not None else 0.0
-            # synthesis with the transpose of the analysis map: the embedding rebuilt from its own mixing vector
-            rebuilt = (written.float() - bias) @ self.in_proj.weight.float()
-            if cfg.reconstruction_weight > 0 or self.record_terms:
-                self.last_terms["reconstruction"] = losses.reconstruction_error(target, rebuilt, valid)
-            if cfg.stft_weight > 0 or self.record_terms:
-                self.last_terms["stft"] = losses.stft_magnitude_error(target, rebuilt, cfg.stft_window)
+        target, rebuilt = hidden_states.float(), synthesis.float()
+        if cfg.reconstruction_weight > 0 or self.record_terms:
+            self.last_terms["reconstruction"] = losses.reconstruction_error(target, rebuilt, valid)
+        if cfg.stft_weight > 0 or self.record_terms:
+            self.last_terms["stft"] = losses.stft_magnitude_error(target, rebuilt, cfg.stft_window, valid)
         if hasattr(self, "prior_means"):
             self.last_terms["prior"] = losses.gmm_negative_log_likelihood(
-                pre_coefficients.float(), self.prior_means, self.prior_log_scales, self.prior_logits, valid
+                coefficients, self.prior_means, self.prior_scales(), self.prior_logits, valid
             )
+
+    def prior_scales(self) -> torch.Tensor:
+        """The mixture's standard deviations: ``prior_min_scale + exp(prior_log_scales)``, never below the floor."""
+        return self.mixing_config.prior_min_scale + torch.exp(self.prior_log_scales)
 
 
 def _valid_tokens(attention_mask, batch: int, length: int) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ from ..compute import cost_model
 from .bases import basis_matrix
 from .dct import dct2, dct_lastdim, idct_lastdim, scratch_buffer, uses_scratch
 from .index_codec import in_memory
-from .layouts import DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices
+from .layouts import CALIBRATED_LAYOUTS, DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices
 
 __all__ = ["CoefficientSpace", "make_space", "TRANSFORMS", "group_key", "group_to_matrix", "group_from_matrix"]
 
@@ -287,6 +287,7 @@ def make_space(
     seed: int = 0,
     weight: Optional[torch.Tensor] = None,
     indices: Optional[torch.Tensor] = None,
+    gradient: Optional[torch.Tensor] = None,
     rings: int = 4,
     energy_share: float = 0.5,
     name: str = "",
@@ -297,8 +298,9 @@ def make_space(
     ``weight`` (out x in, in the transform dtype) is read by the layouts that rank the existing weight's
     coefficients (``energy``, ``banded``). ``indices`` are index sets read from a saved adapter (positions,
     as ``index_codec.decode`` gives them): they are validated and used as they are (a data-dependent set
-    cannot be recomputed from the config). Index sets are held as int32 positions where the layer's m * n
-    fits (``index_codec.memory_dtype``). ``lowfreq`` keeps the largest block that fits ``k`` (possibly fewer
+    cannot be recomputed from the config). ``gradient`` (out x in, the loss gradient of the weight) is read by
+    the ``gradient`` layout, which keeps its K largest coefficients in the layer's basis. Index sets are held
+    as int32 positions where the layer's m * n fits (``index_codec.memory_dtype``). ``lowfreq`` keeps the largest block that fits ``k`` (possibly fewer
     than ``k`` coefficients).
     """
     if layout == "lowfreq":
@@ -307,7 +309,18 @@ def make_space(
         validate_indices(indices, m, n, name=name)
         return CoefficientSpace(m, n, basis, seed, indices=in_memory(indices, m, n))
     coefficients = None
-    if layout in DATA_DEPENDENT_LAYOUTS:
+    if layout in CALIBRATED_LAYOUTS:
+        if gradient is None:
+            raise ValueError(
+                f"layout={layout!r} keeps the largest coefficients of the weight's loss gradient of {name or 'the layer'!r}, "
+                "and none was given: call hf_spectral.init_gradient_layout(model, batches) after get_peft_model."
+            )
+        if tuple(gradient.shape) != (m, n):
+            raise ValueError(f"a gradient of shape {tuple(gradient.shape)} was given for an {m} x {n} layer {name!r}.")
+        everything = CoefficientSpace(m, n, basis, seed, block=(m, n))
+        coefficients = everything.all_coefficients(gradient)
+        weight = gradient  # where the index set lives (its device)
+    elif layout in DATA_DEPENDENT_LAYOUTS:
         if weight is None:
             raise ValueError(
                 f"layout={layout!r} reads the existing weight of {name or 'the layer'!r}, but that layer has none (it "

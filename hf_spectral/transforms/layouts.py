@@ -14,9 +14,14 @@ random     K positions uniformly at random (seeded); can host full rank        n
 energy     the K largest |DCT(W0)| of the existing weight                      yes
 banded     L rings by distance from DC, an equal share of K per ring; within   yes
            a ring a fraction by energy and the rest at random (sDCTFT)
+gradient   the K largest |DCT(G)| of the loss gradient G of the frozen weight  calibration
+           on calibration batches (``hf_spectral.init_gradient_layout``): the
+           coefficients where a first step would move the most (as LoRA-GA)
 =========  ==================================================================  ===========
 
-Sets that need data are saved with the adapter; the others are recomputed from shape and seed.
+Sets that need data are saved with the adapter; the others are recomputed from shape and seed. A
+``gradient`` set is chosen by an explicit step after ``get_peft_model`` (``CALIBRATED_LAYOUTS``), so it
+is not in ``LAYOUTS``, the layouts a layer computes when it is created.
 Layers hold them as int32 where m * n fits, and save them in the smaller of two forms (``index_codec``).
 """
 
@@ -31,6 +36,11 @@ from . import stable_random
 
 LAYOUTS = ("lowfreq", "triangle", "random", "energy", "banded")
 DATA_DEPENDENT_LAYOUTS = ("energy", "banded")
+# chosen from calibration data after the adapter is created; until then the layer refuses to run
+CALIBRATED_LAYOUTS = ("gradient",)
+ALL_LAYOUTS = LAYOUTS + CALIBRATED_LAYOUTS
+# index sets that cannot be recomputed from the config and the weight: saved with the adapter
+SAVED_LAYOUTS = DATA_DEPENDENT_LAYOUTS + CALIBRATED_LAYOUTS
 
 
 def check_budget(n_coefficients: int | None, coefficient_fraction: float | None, where: str = "") -> None:
@@ -148,11 +158,12 @@ def select_indices(
 ) -> torch.Tensor:
     """The index set of ``layout`` for an m x n layer with budget ``k``.
 
-    ``coefficients`` (the DCT of the existing weight) is required by ``energy`` and ``banded``.
+    ``coefficients`` (the DCT of the existing weight) is required by ``energy`` and ``banded``; for
+    ``gradient`` it is the DCT of the loss gradient of the weight, and the K largest are kept.
     ``lowfreq`` keeps a block, not scattered positions: :func:`lowfreq_block` gives its shape.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    if layout not in ALL_LAYOUTS:
+        raise ValueError(f"layout must be one of {ALL_LAYOUTS}, got {layout!r}.")
     if layout == "lowfreq":
         raise ValueError("layout='lowfreq' keeps a p x q block, not scattered positions: use lowfreq_block(m, n, k).")
     if not 1 <= k <= m * n:
@@ -162,10 +173,11 @@ def select_indices(
     if layout == "random":
         return random_indices(m, n, k, seed)
     if coefficients is None:
-        raise ValueError(f"layout={layout!r} ranks coefficients of an existing weight, and none was given.")
+        what = "the weight's gradient" if layout in CALIBRATED_LAYOUTS else "an existing weight"
+        raise ValueError(f"layout={layout!r} ranks coefficients of {what}, and none was given.")
     if tuple(coefficients.shape) != (m, n):
         raise ValueError(f"coefficients of shape {tuple(coefficients.shape)} given for an {m} x {n} layer.")
-    if layout == "energy":
+    if layout in ("energy", "gradient"):  # the same rule on another matrix: the K largest magnitudes
         return energy_indices(coefficients, k)
     return banded_indices(coefficients, k, seed, rings=rings, energy_share=energy_share)
 

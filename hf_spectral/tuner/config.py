@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 
 from .._peft_registry import SPECTRAL_PEFT_TYPE
 from ..transforms.bases import BASES
-from ..transforms.layouts import LAYOUTS, check_budget, resolve_budget
+from ..transforms.layouts import ALL_LAYOUTS, CALIBRATED_LAYOUTS, check_budget, resolve_budget
 
 MODES = ("delta", "replace")
 INIT_CHOICES = (True, False, "project", "random")
@@ -43,7 +43,9 @@ class SpectralConfig(PeftConfig):
         layout (`str`): which coefficients are kept: ``"random"`` (default, seeded; can represent
             full-rank updates), ``"lowfreq"`` (top-left block; rank <= block size, fastest forward),
             ``"triangle"`` (lowest frequencies in zigzag order), ``"energy"`` (largest |DCT| of the existing
-            weight), ``"banded"`` (rings by frequency, half by energy and half at random per ring).
+            weight), ``"banded"`` (rings by frequency, half by energy and half at random per ring),
+            ``"gradient"`` (delta mode: largest |DCT| of the loss gradient on calibration batches; chosen by
+            ``hf_spectral.init_gradient_layout(model, batches)`` after ``get_peft_model``, before training).
         basis (`str`): ``"dct"`` (default) or ``"random_orthonormal"`` (a seeded random orthonormal basis:
             the control of the paper's ablation).
         scaling (`float`): delta mode's multiplier of the update. Under Adam, scaling and learning rate
@@ -89,7 +91,7 @@ class SpectralConfig(PeftConfig):
     n_coefficients: Optional[int] = field(default=None, metadata={"help": "K per layer."})
     coefficient_fraction: Optional[float] = field(default=None, metadata={"help": "K as a fraction of m * n."})
     budget_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module budgets by pattern."})
-    layout: str = field(default="random", metadata={"help": f"Index set, one of {LAYOUTS}."})
+    layout: str = field(default="random", metadata={"help": f"Index set, one of {ALL_LAYOUTS}."})
     basis: str = field(default="dct", metadata={"help": f"One of {BASES}."})
     scaling: float = field(default=10.0, metadata={"help": "Delta mode: multiplier of the update."})
     seed: int = field(default=0, metadata={"help": "Seed of random layouts and bases."})
@@ -144,7 +146,12 @@ class SpectralConfig(PeftConfig):
         self.layer_shapes = dict(self.layer_shapes or {})
         self.fingerprints = dict(self.fingerprints or {})
         self._check_choice("mode", self.mode, MODES)
-        self._check_choice("layout", self.layout, LAYOUTS)
+        self._check_choice("layout", self.layout, ALL_LAYOUTS)
+        if self.layout in CALIBRATED_LAYOUTS and self.mode != "delta":
+            raise ValueError(
+                f"layout={self.layout!r} chooses where a delta's first steps move the most; mode={self.mode!r} is not "
+                "supported with it. Use mode='delta', or layout='energy' to rank the weight itself in replace mode."
+            )
         self._check_choice("basis", self.basis, BASES)
         self._check_choice("bias", self.bias, ("none", "all", "spectral_only"))
         if self.init_weights not in INIT_CHOICES or (

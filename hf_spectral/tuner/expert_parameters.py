@@ -29,7 +29,7 @@ from torch.func import functional_call
 from .._peft_registry import BufferDict
 from ..compute.functions import transform_dtype
 from ..transforms.coefficient_space import CoefficientSpace, group_to_matrix, make_space
-from ..transforms.layouts import DATA_DEPENDENT_LAYOUTS
+from ..transforms.layouts import SAVED_LAYOUTS
 from .layer import AdapterSettings
 
 __all__ = ["ParamWrapper"]
@@ -75,7 +75,7 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
         where = f"target_parameters: {module_key!r}"
         if config.mode != "delta":
             raise ValueError(f"{where} takes mode='delta' only, not {config.mode!r} (the experts keep their weights).")
-        if config.layout in DATA_DEPENDENT_LAYOUTS:
+        if config.layout in SAVED_LAYOUTS:  # energy, banded, gradient: one weight's (or gradient's) ranking
             raise ValueError(
                 f"{where}: layout={config.layout!r} ranks one weight's coefficients, but all experts share one index "
                 "set here; use layout='random', 'lowfreq' or 'triangle'."

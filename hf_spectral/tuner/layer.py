@@ -24,7 +24,7 @@ from ..compute.autotune import token_bucket
 from ..compute.functions import matrix, transform_dtype
 from ..compute.weight_cache import WeightCache
 from ..transforms.coefficient_space import TRANSFORMS, CoefficientSpace, make_space
-from ..transforms.layouts import DATA_DEPENDENT_LAYOUTS
+from ..transforms.layouts import CALIBRATED_LAYOUTS, SAVED_LAYOUTS
 from . import dropout, quantized
 
 COMPUTE_PATHS = dispatch.PATHS
@@ -54,6 +54,8 @@ class SpectralLayer(BaseTunerLayer):
         # ... the others (random, triangle) are recomputed from shape and seed
         self.spectral_fixed_indices = BufferDict({}, persistent=False)
         self.spectral_settings: dict[str, AdapterSettings] = {}
+        # adapters of a calibrated layout (gradient) whose index set is not chosen yet: they refuse to run
+        self.uncalibrated_adapters: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters = []
         # how forward computes: "auto" (a path measured by tune_compute_paths, else the cost model's) or a forced path
@@ -125,9 +127,11 @@ class SpectralLayer(BaseTunerLayer):
             device = quantized.device_of(self)
         dtype = transform_dtype(weight.dtype if weight is not None else torch.float32)
         weight = None if weight is None else weight.detach().to(dtype)
+        # a calibrated layout holds a seeded placeholder of the right size until init_gradient_layout chooses
+        calibrated = layout in CALIBRATED_LAYOUTS
         space = make_space(
-            m, n, k, layout=layout, basis=basis, seed=seed, weight=weight, rings=config.banded_rings,
-            energy_share=config.banded_energy_share, name=module_key,
+            m, n, k, layout="random" if calibrated else layout, basis=basis, seed=seed, weight=weight,
+            rings=config.banded_rings, energy_share=config.banded_energy_share, name=module_key,
         )
         count = space.k
 
@@ -145,7 +149,7 @@ class SpectralLayer(BaseTunerLayer):
             values = torch.randn(count, dtype=dtype) * std * math.sqrt(m * n / count)
 
         self.spectral_coefficients[adapter_name] = nn.Parameter(values.to(device=device, dtype=dtype))
-        if layout in DATA_DEPENDENT_LAYOUTS:
+        if layout in SAVED_LAYOUTS:
             self.spectral_indices[adapter_name] = space.indices.to(device)
         elif space.block is None:
             self.spectral_fixed_indices[adapter_name] = space.indices.to(device)
@@ -153,6 +157,10 @@ class SpectralLayer(BaseTunerLayer):
             mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block,
             dropout=float(getattr(config, "spectral_dropout", 0.0)),
         )
+        if calibrated:
+            self.uncalibrated_adapters.add(adapter_name)
+        else:
+            self.uncalibrated_adapters.discard(adapter_name)
         self._spaces.pop(adapter_name, None)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -187,6 +195,12 @@ class SpectralLayer(BaseTunerLayer):
         """The adapter's basis, index set and transforms; rebuilt when its index set moved or was reloaded."""
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}.")
+        if adapter in self.uncalibrated_adapters:
+            raise RuntimeError(
+                f"Adapter {adapter!r} has layout={self.spectral_settings[adapter].layout!r}, whose index set is chosen "
+                "from calibration data, and it has not been chosen yet: call hf_spectral.init_gradient_layout(model, "
+                "batches) after get_peft_model and before training, or load a saved adapter."
+            )
         settings = self.spectral_settings[adapter]
         indices = None if settings.block is not None else self._indices(adapter)
         cached = self._spaces.get(adapter)
@@ -299,6 +313,7 @@ class SpectralLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.drop_weight_cache()
+        self.uncalibrated_adapters.discard(adapter_name)
         self._spaces.pop(adapter_name, None)
         self._path_memo.clear()
         super().delete_adapter(adapter_name)
@@ -330,13 +345,16 @@ class SpectralLinear(nn.Module, SpectralLayer):
     # ----------------------------------------------------------------------------------------------
     # loading (here, not in SpectralLayer: nn.Module comes first in this class's MRO)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Every state-dict load reaches each module through here (load_state_dict, PEFT's
         # set_peft_model_state_dict, torch.distributed.checkpoint's set_model_state_dict). Under FSDP2 a
         # load writes the shards and the next forward gathers them into the same memory without a version
         # bump, which the cache cannot see; so a load always drops it.
         self.drop_weight_cache()
-        return super()._load_from_state_dict(*args, **kwargs)
+        for adapter in list(self.uncalibrated_adapters):  # a saved calibrated index set is loaded: it is chosen
+            if f"{prefix}spectral_indices.{adapter}" in state_dict:
+                self.uncalibrated_adapters.discard(adapter)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # merging

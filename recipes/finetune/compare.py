@@ -6,6 +6,10 @@ Each arm is shown at its best learning rate, chosen as the sweep chose it: the b
 seed. The headline is the test metric over every seed at that rate (mean ± sample standard deviation). Step times
 come from the profile's ``_timing`` runs (each arm alone on the device) when there are any, else from the runs
 themselves (marked "shared": measured while runs shared the device, so only roughly comparable).
+
+Beside the score: the adapter's file size, peak memory (CUDA max allocated on a GPU, peak RSS of the process on a
+CPU, sampled while the run trains and evaluates), forgetting (the loss change on general text, where the profile measures it), and the paired difference to
+LoRA r=8: per seed, arm minus LoRA at their own best rates (same seed: same data order and head init), mean ± std.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def load_runs(folder: Path) -> tuple[list[dict], dict[str, dict]]:
 
 def _metric(task: str) -> tuple[str, int]:
     """(metric name, +1 if higher is better else -1)."""
-    return ("accuracy", 1) if task == "cls" else ("perplexity", -1)
+    return {"cls": ("accuracy", 1), "gen": ("exact_match", 1)}.get(task, ("perplexity", -1))
 
 
 def _value(record: dict, split: str) -> float:
@@ -45,7 +49,8 @@ def rank(results: dict, task: str) -> tuple[float, float]:
     """How a run ranks when a learning rate is chosen (higher is better): the validation metric (accuracy, or
     minus perplexity), then minus the validation loss to break ties. Runs without a finite metric rank last."""
     validation = (results or {}).get("validation", {})
-    value = validation.get("accuracy") if task == "cls" else -validation.get("perplexity", math.inf)
+    name, sign = _metric(task)
+    value = validation.get(name) if sign > 0 else -validation.get(name, math.inf)
     loss = validation.get("loss", math.inf)
     if value is None or not math.isfinite(value):
         return (-math.inf, -math.inf)
@@ -56,7 +61,8 @@ def _rank(record: dict | None, task: str) -> tuple[float, float]:
     return rank(record["results"], task) if record is not None else (-math.inf, -math.inf)
 
 
-METHOD_ORDER = ("lora", "fourierft", "waveft", "spectral", "full")
+METHOD_ORDER = ("lora", "fourierft", "waveft", "vera", "c3a", "spectral", "full")
+BUDGET_KEY = {"lora": "rank", "vera": "rank", "c3a": "block_size_c3a"}  # the others: n_coefficients
 
 
 def _order(arm: dict) -> tuple:
@@ -92,7 +98,7 @@ def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
             "method": sample["method"],
             "layout": sample["recipe"].get("layout") if sample["method"] == "spectral" else None,
             "scaling": sample.get("scaling"),
-            "budget": sample["recipe"].get("rank") if sample["method"] == "lora" else sample["recipe"].get("n_coefficients"),
+            "budget": sample["recipe"].get(BUDGET_KEY.get(sample["method"], "n_coefficients")),
             "best_lr": best,
             "seeds": sorted(r["seed"] for r in finals),
             "test_mean": test_mean,
@@ -108,10 +114,31 @@ def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
             "hardware": sample["hardware"],
             "sweep": {lr: _value(seeds[first_seed], "validation") for lr, seeds in sorted(by_lr.items())
                       if first_seed in seeds},
+            "by_seed": {r["seed"]: _value(r, "test") for r in finals},
+            "adapter_mb": _mean_of(finals, lambda r: r.get("adapter_file_bytes"), 2**20),
+            "peak_memory_mb": _mean_of(finals, lambda r: r.get("peak_gpu_memory_mb") or r.get("peak_rss_run_mb")
+                                       or r.get("max_rss_mb")),
+            "memory_kind": "GPU max allocated" if sample.get("peak_gpu_memory_mb") else "peak RSS",
+            "forgetting": _mean_of(finals, lambda r: (r.get("forgetting") or {}).get("change")),
+            "calibration_seconds": _mean_of(finals, lambda r: r.get("calibration_seconds")),
             "relative_update": mean_std([d.get("relative_update_median", float("nan")) for d in diagnostics])[0],
             "stable_rank": mean_std([d.get("stable_rank_median", float("nan")) for d in diagnostics])[0],
         }
     return {a["arm"]: a for a in sorted(arms.values(), key=_order)}
+
+
+def _mean_of(records: list[dict], get, divide: float = 1.0) -> float:
+    values = [get(r) for r in records]
+    values = [v / divide for v in values if v is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def paired_difference(arm: dict, reference: dict, sign: int) -> tuple[float, float, int]:
+    """Mean ± sample std over the seeds both arms ran of (arm - reference) * sign (positive: the arm is better)."""
+    seeds = sorted(set(arm["by_seed"]) & set(reference["by_seed"]))
+    diffs = [sign * (arm["by_seed"][s] - reference["by_seed"][s]) for s in seeds]
+    mean, std = mean_std(diffs)
+    return mean, std, len(diffs)
 
 
 def _reference(arms: dict, method: str, budget=None) -> dict | None:
@@ -127,9 +154,9 @@ def markdown(arms: dict, title: str) -> str:
         return f"# {title}\n\nNo finished runs.\n"
     task = next(iter(arms.values()))["task"]
     name, sign = _metric(task)
-    scale = 100.0 if task == "cls" else 1.0
-    unit = " (%)" if task == "cls" else ""
-    lora = _reference(arms, "lora")
+    scale = 100.0 if sign > 0 else 1.0  # accuracy and exact match in percent
+    unit = " (%)" if sign > 0 else ""
+    lora = _reference(arms, "lora", 8) or _reference(arms, "lora")
     lines = [f"# {title}", ""]
     hw = next(iter(arms.values()))["hardware"]
     lines.append(
@@ -150,6 +177,22 @@ def markdown(arms: dict, title: str) -> str:
             f"{len(arm['seeds'])} | {fmt(step, 4)} ({arm['step_source']}) | {fmt(step / lora_step, 2)} | "
             f"{fmt(arm['train_seconds'], 0)} |"
         )
+    lines.append("")
+    memory_kind = next(iter(arms.values()))["memory_kind"]
+    lines += [f"## Cost and forgetting, and the paired difference to {lora['arm'] if lora else 'LoRA'}", "",
+              f"Paired: per seed, arm minus LoRA at each one's best rate, signed so + is better; mean ± std (n seeds). "
+              f"Memory: {memory_kind} during the run. Forgetting: loss on general text after training minus the "
+              "base model's (lower is better; – where not measured).", "",
+              f"| arm | adapter file (MiB) | peak memory (MiB) | forgetting | calibration s | paired Δ test {name}{unit} |",
+              "|" + "---|" * 6]
+    for arm in arms.values():
+        if lora and arm is not lora:
+            mean, std, count = paired_difference(arm, lora, sign)
+            paired = f"{fmt(scale * mean, 2)} ± {fmt(scale * std, 2)} (n={count})" if count else "–"
+        else:
+            paired = "reference" if lora else "–"
+        lines.append(f"| {arm['arm']} | {fmt(arm['adapter_mb'], 3)} | {fmt(arm['peak_memory_mb'], 0)} | "
+                     f"{fmt(arm['forgetting'], 4)} | {fmt(arm['calibration_seconds'], 2)} | {paired} |")
     lines.append("")
     lines.append(f"Trainable (adapter) leaves out the task head every arm trains alike "
                  f"({next(iter(arms.values()))['trainable_head']:,} parameters).")
@@ -184,7 +227,7 @@ def markdown(arms: dict, title: str) -> str:
         ratio = arm["trainable_adapter"] / lora["trainable_adapter"]
         diff = sign * (arm["test_mean"] - lora["test_mean"]) * scale
         text = (f"- {arm['arm']}: {ratio:.3f} of LoRA's parameters ({'≤' if ratio <= 1 / 8 else '>'} 1/8); "
-                f"vs LoRA r=8 {diff:+.2f}{'' if task == 'cls' else ' (perplexity, lower is better: + means better)'}")
+                f"vs LoRA r=8 {diff:+.2f}{'' if sign > 0 else ' (perplexity, lower is better: + means better)'}")
         if arm["budget"] in fourier:
             diff_f = sign * (arm["test_mean"] - fourier[arm["budget"]]["test_mean"]) * scale
             text += f"; vs FourierFT at the same K {diff_f:+.2f}"

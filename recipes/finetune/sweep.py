@@ -12,7 +12,8 @@ so an interrupted sweep resumes where it stopped. ``--jobs N`` runs N runs at on
 they share it; on a CPU give each ``--threads``); arms earlier in the profile go first. ``--timing_steps N`` first
 times every arm alone (one process, nothing else running) for N steps into ``{profile}/_timing``, because step times
 measured while runs share a device are not comparable. ``--deadline_minutes`` stops starting new runs after that
-long; what finished is kept.
+long; what finished is kept. ``--fresh_process`` runs every run in a process of its own (even with ``--jobs 1``),
+so that a run's peak memory on a CPU is its own and not also what earlier runs of the same worker left behind.
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ def main(argv=None) -> None:
     parser.add_argument("--timing_steps", type=int, default=0, help="First time each arm alone for N steps.")
     parser.add_argument("--deadline_minutes", type=float, default=None, help="Start no run after this long.")
     parser.add_argument("--arms", nargs="*", help="Only these arms.")
+    parser.add_argument("--fresh_process", action="store_true",
+                        help="Each run in a new process (clean per-run peak memory; costs the start-up each time).")
     parser.add_argument("overrides", nargs="*", help="key=value settings over every arm's.")
     args = parser.parse_intermixed_args(argv)
     # "--arms a b key=value" would swallow the overrides: hand key=value items back
@@ -179,7 +182,7 @@ def main(argv=None) -> None:
         failures += not result["ok"]
         if result["ok"]:
             shown = {k: round(v, 4) for k, v in result["results"].get("validation", {}).items()
-                     if k in ("accuracy", "perplexity")}
+                     if k in ("accuracy", "perplexity", "exact_match")}
         else:
             shown = result["error"]
         print(f"[{time.time() - started:6.0f}s] {result['arm']} lr={lr:g} seed={seed}: {shown}", flush=True)
@@ -187,7 +190,7 @@ def main(argv=None) -> None:
     def late():
         return args.deadline_minutes is not None and time.time() - started > 60 * args.deadline_minutes
 
-    if args.jobs == 1:  # in this process: no start-up cost per worker (the tests' smoke profiles)
+    if args.jobs == 1 and not args.fresh_process:  # in this process: no start-up cost per worker (the tests' smoke profiles)
         if args.threads:
             _init_worker(args.threads)
         while not late() and (task := sweep.next()) is not None:
@@ -196,7 +199,9 @@ def main(argv=None) -> None:
     else:
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        pool = ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker, initargs=(threads,),
+                                   max_tasks_per_child=1 if args.fresh_process else None)
+        with pool:
             in_flight = {}
             while True:
                 while not late() and len(in_flight) < args.jobs and (task := sweep.next()) is not None:

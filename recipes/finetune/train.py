@@ -3,11 +3,17 @@
     python -m recipes.finetune.train recipes/finetune/configs/cls_smoke.yaml --arm spectral_random_k1000 \
         --seed 0 --lr 1e-3 [key=value ...]
 
-Two tasks, one script:
+Three tasks, one script:
 - ``task: cls``: a sentence encoder + a new 2-way head on Rotten Tomatoes (fresh vs rotten); the metric is accuracy
   through ``evaluate`` (a local metric module by default, so it works offline; ``metric: accuracy`` takes the Hub's).
 - ``task: lm``: a causal LM on tiny Shakespeare; the metric is validation perplexity, exp(mean token loss) over fixed
   blocks of the last 10% of the text.
+- ``task: gen``: a causal LM completes ``Review: ...\nSentiment:`` with `` fresh`` or `` rotten``; the metric is the
+  exact match of its greedy answer (``generative.py``).
+
+Besides the metric a run records what PEFT's method comparison records (``measures.py``): the adapter's file size
+and, for causal LMs with ``forgetting_data``, the loss change on held-out general text ("forgetting"). A spectral arm
+with ``layout: gradient`` is calibrated on training batches before training (``hf_spectral.init_gradient_layout``).
 
 A profile (YAML) holds ``defaults`` shared by its runs and a list of ``arms``; an arm's keys override the defaults,
 and ``key=value`` overrides both. The merged settings are parsed into ``RecipeArguments`` and
@@ -30,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -70,12 +77,13 @@ from ..common import (
     stable_rank,
     write_record,
 )
+from . import generative, measures
 from .arms import METHODS, peft_config_for
 from .data import load_rotten_tomatoes, resolve_model, rotten_tomatoes_file, shakespeare_blocks, shakespeare_text
 
 __all__ = ["arm_settings", "load_profile", "parse_overrides", "parse_settings", "run"]  # the first three: common's
 
-TASKS = ("cls", "lm")
+TASKS = ("cls", "lm", "gen")
 LOCAL_METRICS = Path(__file__).parent / "metrics"
 SWEEP_KEYS = ("lrs", "seeds", "skip_timing")  # read by sweep.py, not by a run
 
@@ -94,7 +102,17 @@ class RecipeArguments:
     method: str = field(default="lora", metadata={"help": f"One of {METHODS}."})
     layout: str = field(default="random", metadata={"help": "Spectral index set: random, energy, banded, ..."})
     n_coefficients: int = field(default=1000, metadata={"help": "K per layer (spectral, FourierFT, WaveFT)."})
-    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    rank: int = field(default=8, metadata={"help": "LoRA rank (and VeRA's r)."})
+    block_size_c3a: int = field(default=64, metadata={"help": "C3A's block size (divides every targeted layer)."})
+    global_budget: bool = field(
+        default=False, metadata={"help": "layout gradient: share the layers' total K by gradient energy."}
+    )
+    calibration_batches: int = field(default=4, metadata={"help": "layout gradient: training batches to calibrate on."})
+    forgetting_data: Optional[str] = field(
+        default=None, metadata={"help": "lm/gen: general text (a .txt(.bz2) or the Rotten Tomatoes csv) for forgetting."}
+    )
+    forgetting_blocks: int = field(default=16, metadata={"help": "Blocks of block_size tokens of it to score."})
+    max_new_tokens: int = field(default=3, metadata={"help": "gen: tokens generated per answer."})
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha; default 2 * rank."})
     scaling: Optional[float] = field(
         default=None, metadata={"help": "Update multiplier; default: spectral 10, FourierFT 150, WaveFT 25."}
@@ -116,7 +134,7 @@ class RecipeArguments:
     )
     head: str = field(default="classifier", metadata={"help": "cls: the new task head (trained by every arm)."})
     head_lr: float = field(default=2e-3, metadata={"help": "cls: the head's learning rate, the same for all arms."})
-    max_length: int = field(default=96, metadata={"help": "cls: tokens per review (longer ones are cut)."})
+    max_length: int = field(default=96, metadata={"help": "cls, gen: tokens per review (longer ones are cut)."})
     block_size: int = field(default=128, metadata={"help": "lm: tokens per training and validation block."})
     max_train_examples: Optional[int] = field(default=None, metadata={"help": "Use only this many (smoke runs)."})
     max_eval_examples: Optional[int] = field(
@@ -260,6 +278,16 @@ def task_data(recipe: RecipeArguments, tokenizer) -> tuple:
             DataCollatorWithPadding(tokenizer),
             accuracy_metric(recipe),
         )
+    if recipe.task == "gen":
+        key = ("gen", recipe.data, recipe.model, recipe.max_length, recipe.max_train_examples, recipe.max_eval_examples)
+        if key not in _DATA_CACHE:
+            _DATA_CACHE[key] = generative.gen_data(
+                recipe.data, tokenizer, recipe.max_length, recipe.max_train_examples,
+                lambda n: _evenly(n, recipe.max_eval_examples),
+            )
+        data = _DATA_CACHE[key]
+        return (data["train"], {"validation": data["validation"], "test": data["test"]},
+                generative.PadCollator(tokenizer.pad_token_id), None)
     data = lm_data(recipe, tokenizer)
     return data["train"], {"validation": data["validation"], "test": data["test"]}, default_data_collator, None
 
@@ -291,6 +319,7 @@ def build_model(recipe: RecipeArguments, path: str, tokenizer, seed: int):
         rank=recipe.rank,
         lora_alpha=recipe.lora_alpha,
         scaling=recipe.scaling,
+        block_size=recipe.block_size_c3a,
     )
     if config is not None:
         model = get_peft_model(model, config)
@@ -435,7 +464,7 @@ def make_record(
         "diagnostics": update_diagnostics(trainer.model) if recipe.diagnostics and peft_config is not None else {},
         "evaluated": recipe.evaluate,
     }
-    if recipe.task == "lm":
+    if recipe.task in ("lm", "gen"):
         record["tokens_per_step"] = record["examples_per_step"] * recipe.block_size
     return record
 
@@ -462,6 +491,16 @@ def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
 
     # 3. model: the pretrained model with the arm's adapter (or every weight trainable)
     model, base_total, peft_config = build_model(recipe, model_path, tokenizer, seed)
+    general = None
+    if recipe.forgetting_data and recipe.task != "cls":  # an encoder with a new head has no LM loss to forget
+        general = measures.general_blocks(recipe.forgetting_data, tokenizer, recipe.block_size, recipe.forgetting_blocks)
+        loss_before = measures.base_loss(model, general, has_adapter=peft_config is not None)
+    calibration_seconds = None
+    if measures.needs_calibration(peft_config):  # layout gradient: the index sets come from the training data
+        calibration_seconds = measures.calibrate(
+            model, train_set, collator, batches=recipe.calibration_batches,
+            batch_size=training.per_device_train_batch_size, global_budget=recipe.global_budget, seed=seed,
+        )
     counts = parameter_counts(model, (recipe.head,) if recipe.task == "cls" else ())
     counts["base_model"] = base_total
 
@@ -483,6 +522,7 @@ def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
     quiet(trainer, label=recipe.arm)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    memory = measures.PeakRSS().start()  # this run's peak resident memory (what a CPU run reports)
     train_started = time.time()
     output = trainer.train()
     train_seconds = time.time() - train_started
@@ -492,6 +532,10 @@ def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
         results[split] = {k.removeprefix(f"{split}_"): v for k, v in metrics.items()}
         if recipe.task == "lm":
             results[split]["perplexity"] = math.exp(min(results[split]["loss"], 50.0))
+        if recipe.task == "gen":
+            results[split]["exact_match"] = generative.exact_match(
+                trainer.model, tokenizer, dataset, training.per_device_eval_batch_size, recipe.max_new_tokens
+            )
 
     # 6. record
     record = make_record(
@@ -508,6 +552,14 @@ def run(settings: dict, lr: float, seed: int, overwrite: bool = False) -> dict:
         lr,
         started,
         train_seconds,
+    )
+    record["peak_rss_run_mb"] = memory.stop()
+    record["process_id"] = os.getpid()  # runs that shared a process share what it kept resident
+    record["adapter_file_bytes"] = measures.adapter_file_bytes(trainer.model, peft_config)
+    record["calibration_seconds"] = calibration_seconds
+    record["forgetting"] = measures.forgetting(
+        loss_before if general is not None else None,
+        measures.mean_token_loss(trainer.model, general) if general is not None else None,
     )
     write_record(folder, record)  # a run.json that exists is complete
 
@@ -532,7 +584,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     settings.update(parse_overrides(args.overrides))
     lr = args.lr if args.lr is not None else settings.get("lrs", [settings.get("learning_rate", 1e-3)])[0]
     record = run(settings, lr, args.seed, overwrite=args.overwrite)
-    key = "accuracy" if record["task"] == "cls" else "perplexity"
+    key = {"cls": "accuracy", "lm": "perplexity", "gen": "exact_match"}[record["task"]]
     summary = {split: round(r[key], 4) for split, r in record["results"].items()}
     print(
         json.dumps(

@@ -7,8 +7,9 @@ override the defaults and ``key=value`` overrides both; a key that is not a fiel
 The arms: ``attention`` (a GPT-2 as built), ``mixer`` (the same model after ``replace_attention``, K matched to
 the attention's parameter count) and ``mixer_spectral`` (the mixer model with every linear layer in replace-mode
 spectral coefficients at ``spectral_fraction`` of mn: neither attention nor a dense weight matrix).
-Each run writes ``run.json`` (settings, parameter counts, loss curve against tokens, validation loss, timings,
-hardware) under ``{runs_dir}/{profile}/{arm}/seed{seed}``; ``compare.py`` turns a folder of them into a table.
+Each run writes ``run.json`` (settings, parameter counts, loss curve against tokens, validation curve against
+tokens and training seconds (validation time left out), timings, hardware) under
+``{runs_dir}/{profile}/{arm}/lr{learning_rate}/seed{seed}``; ``compare.py`` turns a folder of them into a table.
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ def run(s: Settings) -> dict:
     curve, evals = [], []
     model.train()
     start = time.perf_counter()
+    evaluating = 0.0  # seconds spent on validation, left out of the training time
     for step in range(s.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, s)
@@ -202,10 +204,13 @@ def run(s: Settings) -> dict:
         tokens = (step + 1) * s.batch_size * s.block_size
         curve.append([tokens, round(float(loss.detach()), 4)])
         if (step + 1) % s.eval_every == 0 or step + 1 == s.max_steps:
-            evals.append([tokens, round(validation_loss(model, data, s), 4)])
-            print(f"{s.arm} seed {s.seed} step {step + 1}: train {curve[-1][1]:.4f} val {evals[-1][1]:.4f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
-    wall = time.perf_counter() - start
+            eval_start = time.perf_counter()
+            trained_for = eval_start - start - evaluating
+            evals.append([tokens, round(validation_loss(model, data, s), 4), round(trained_for, 1)])
+            evaluating += time.perf_counter() - eval_start
+            print(f"{s.arm} lr {s.learning_rate:g} seed {s.seed} step {step + 1}: train {curve[-1][1]:.4f} "
+                  f"val {evals[-1][1]:.4f} ({trained_for:.0f} s training)", flush=True)
+    wall = time.perf_counter() - start - evaluating
     result = {
         "settings": dataclasses.asdict(s),
         "parameters": counts,
@@ -214,6 +219,7 @@ def run(s: Settings) -> dict:
         "train_curve": curve,
         "val_curve": evals,
         "val_loss": evals[-1][1],
+        "best_val_loss": min(v for _, v, _ in evals),
         "train_seconds": round(wall, 1),
         "tokens": s.max_steps * s.batch_size * s.block_size,
         "tokens_per_second": round(s.max_steps * s.batch_size * s.block_size / wall, 1),
@@ -221,10 +227,15 @@ def run(s: Settings) -> dict:
                      "torch": torch.__version__, "load_average_at_end": os.getloadavg()[0]},
         "data": data.source,
     }
-    out = Path(s.runs_dir) / s.profile / s.arm / f"seed{s.seed}"
+    out = run_folder(s)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def run_folder(s: Settings) -> Path:
+    """``{runs_dir}/{profile}/{arm}/lr{learning_rate}/seed{seed}``: one folder per point of the sweep."""
+    return Path(s.runs_dir) / s.profile / s.arm / f"lr{s.learning_rate:g}" / f"seed{s.seed}"
 
 
 def _mixer_atoms(model) -> int | None:
