@@ -16,11 +16,11 @@ import statistics
 import time
 
 import torch
+from hf_spectral.dct import dct_lastdim, idct_lastdim
+from hf_spectral.layouts import lowfreq_block
 
 from hf_spectral import CoefficientSpace
 from hf_spectral.compute import cost_model
-from hf_spectral.dct import dct_lastdim, idct_lastdim
-from hf_spectral.layouts import lowfreq_block
 
 
 def _time(fn, device, repeats=7) -> float:

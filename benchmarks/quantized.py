@@ -62,12 +62,12 @@ def _reset_peak() -> bool:
 def run_arm(arm: str, path: str, tokens: int, repeats: int, threads: int) -> dict:
     """One arm, in this process: load 4-bit, adapt, time training and evaluation steps."""
     import torch
+    from hf_spectral.model import spectral_layers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import hf_spectral  # noqa: F401  (registers the method)
     from hf_spectral import SpectralConfig
-    from hf_spectral.model import spectral_layers
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

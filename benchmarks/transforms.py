@@ -14,10 +14,10 @@ import json
 import os
 
 import torch
-
-from hf_spectral import CoefficientSpace, triton_kernels
 from hf_spectral.dct import dct_lastdim, idct_lastdim
 from hf_spectral.layouts import lowfreq_block
+
+from hf_spectral import CoefficientSpace, triton_kernels
 
 from .common import markdown_table
 

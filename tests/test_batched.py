@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from hf_spectral.coefficient_space import group_from_matrix, group_key, group_to_matrix, make_space
 from peft import get_peft_model
 from torch import nn
 
 import hf_spectral
 from hf_spectral import SpectralConfig, rebuild_groups
-from hf_spectral.coefficient_space import group_from_matrix, group_key, group_to_matrix, make_space
 from hf_spectral.optim import SpectralAdamW, spectral_projectors
 
 

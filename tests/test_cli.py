@@ -18,6 +18,7 @@ import pytest
 import scipy.fft
 import torch
 from ecosystem_utils import bin_of, subprocess_env, tiny_gpt2, token_rows
+from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import make_gpt2
 from transformers import AutoModelForCausalLM
@@ -26,7 +27,6 @@ from hf_spectral import SpectralConfig, SpectralLayer
 from hf_spectral.cli import main
 from hf_spectral.cli.common import model_order
 from hf_spectral.cli.spectrum import spectral_norm
-from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
 
 
 @pytest.fixture(scope="module")
@@ -294,9 +294,10 @@ def test_compress_text_errors_name_the_value_and_the_fix(base_dir, base_with_tok
 
 
 def test_the_commands_constants_are_the_library_ones():
-    from hf_spectral.cli import compress
     from hf_spectral.ecosystem.adapter_files import WEIGHTS_NAME
     from hf_spectral.layouts import LAYOUTS
+
+    from hf_spectral.cli import compress
 
     assert compress.LAYOUTS == LAYOUTS and compress.WEIGHTS_FILE == WEIGHTS_NAME
 

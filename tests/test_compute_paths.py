@@ -5,12 +5,12 @@ import contextlib
 
 import pytest
 import torch
+from hf_spectral.bases import basis_matrix
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_spectral import CoefficientSpace, SpectralConfig, SpectralLinear, set_compute_path, set_weight_cache
-from hf_spectral.bases import basis_matrix
 from hf_spectral.compute import cost_model, dispatch, functions
 
 M, N = 21, 34  # odd and even, so both FFT branches are taken
@@ -400,8 +400,9 @@ def test_every_path_on_cuda_gives_the_reference(mode, layout, dtype):
 @cuda
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 129, 1024])
 def test_fused_transforms_on_cuda_match_the_reference(n):
-    from hf_spectral import triton_kernels
     from hf_spectral.dct import dct_lastdim, idct_lastdim
+
+    from hf_spectral import triton_kernels
 
     x = torch.randn(33, n, dtype=torch.float64)
     for keep in sorted({1, n // 2, n // 2 + 1, n} - {0}):
@@ -423,8 +424,9 @@ def test_fused_transform_kernels_in_the_triton_interpreter(monkeypatch):
         pytest.skip("checked on the device itself")
     import importlib
 
-    from hf_spectral import triton_kernels
     from hf_spectral.dct import dct_lastdim
+
+    from hf_spectral import triton_kernels
 
     importlib.reload(triton_kernels)  # the interpreter is chosen when the kernels are defined
     for n in (1, 6, 17):

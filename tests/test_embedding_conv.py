@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_spectral.embedding_conv import SpectralConv, SpectralEmbedding
 from peft import PeftModel, get_peft_model
 from tiny_models import example_inputs, logits_of, make_gpt2, make_llama
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_spectral import SpectralConfig
-from hf_spectral.embedding_conv import SpectralConv, SpectralEmbedding
 
 
 def make_vit(seed: int = 0) -> ViTForImageClassification:

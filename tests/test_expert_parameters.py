@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_spectral.coefficient_space import make_space
+from hf_spectral.expert_parameters import ParamWrapper
 from peft import PeftModel, get_peft_model
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hf_spectral import SpectralConfig
-from hf_spectral.coefficient_space import make_space
-from hf_spectral.expert_parameters import ParamWrapper
 
 TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 

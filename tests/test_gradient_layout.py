@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+from hf_spectral.gradient_layout import share_budget
 from peft import PeftModel, get_peft_model
 from tiny_models import make_gpt2, make_llama
 
 import hf_spectral
 from hf_spectral import SpectralConfig, spectral_layers
-from hf_spectral.gradient_layout import share_budget
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 MAKERS = {"llama": make_llama, "gpt2": make_gpt2}

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import math
 
+import hf_spectral.index_codec as index_codec
 import pytest
 import torch
+from hf_spectral.coefficient_space import make_space
+from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
+from hf_spectral.layouts import select_indices
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tiny_models import example_inputs, logits_of, make_gpt2
 
-import hf_spectral.index_codec as index_codec
 from hf_spectral import SpectralConfig, SpectralLayer
-from hf_spectral.coefficient_space import make_space
-from hf_spectral.ecosystem.adapter_files import layer_matrices, read_adapter
-from hf_spectral.layouts import select_indices
 
 KEY = "base_model.model.transformer.h.0.attn.c_attn.spectral_indices"  # c_attn of make_gpt2: 96 x 32
 

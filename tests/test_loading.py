@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from hf_spectral.loading import AdapterLoadError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -16,7 +17,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_spectral import SpectralConfig, SpectralLayer
-from hf_spectral.loading import AdapterLoadError
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # not LoRA's default targets, so a dropped target_modules shows
 

@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
+from hf_spectral.layouts import LAYOUTS
 from peft import PeftConfig, PeftModel, get_peft_model
 from tiny_models import DELTA_ONLY_MODELS, MODELS, example_inputs, logits_of, make_gpt2
 
 from hf_spectral import SpectralConfig, SpectralLayer
-from hf_spectral.layouts import LAYOUTS
 
 CASES = [(name, mode, layout, "dct") for name in MODELS for mode in ("delta", "replace") for layout in LAYOUTS]
 # the paper's control basis, on both a block and a scattered layout

@@ -16,12 +16,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_spectral.model import set_compute_path, spectral_layers
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_spectral import SpectralConfig
-from hf_spectral.model import set_compute_path, spectral_layers
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized-base tests need bitsandbytes (in a checkout: pip install -c constraints.txt -e '.[quantization]')")
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hf_spectral.ecosystem.checkpoints import MANIFEST_NAME
+
 from recipes.shakespeare_char import compare, prepare, sweep, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,11 +14,10 @@ import time
 import pytest
 import torch
 from ecosystem_utils import WORKERS_DIR, run_checked, single_thread, subprocess_env, wait_for_hang
+from hf_spectral.ecosystem.checkpoints import MANIFEST_NAME, last_complete_checkpoint, verify_checkpoint
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 from workers import resume_train
-
-from hf_spectral.ecosystem.checkpoints import MANIFEST_NAME, last_complete_checkpoint, verify_checkpoint
 
 SCRIPT = str(WORKERS_DIR / "resume_train.py")
 

@@ -21,9 +21,8 @@ import time
 import pytest
 import torch
 from ecosystem_utils import run_checked, subprocess_env, torchrun_command
-from safetensors.torch import load_file
-
 from hf_spectral.ecosystem.checkpoints import verify_checkpoint
+from safetensors.torch import load_file
 
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NO_DEEPSPEED = 'DeepSpeed is not installed: DS_BUILD_OPS=0 pip install --no-build-isolation -e ".[deepspeed]"'

@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from hf_spectral.ecosystem.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
@@ -49,7 +50,6 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from hf_spectral import SpectralConfig, SpectralLayer
-from hf_spectral.ecosystem.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint
 from hf_spectral.optim import create_optimizer, optimizer_state_elements
 
 from ..common import (

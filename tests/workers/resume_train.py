@@ -19,13 +19,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 
 from ecosystem_utils import spectral_state, token_rows  # noqa: E402
+from hf_spectral.ecosystem.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny_models import make_gpt2  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_spectral import SpectralConfig  # noqa: E402
-from hf_spectral.ecosystem.checkpoints import CompleteCheckpointCallback, last_complete_checkpoint  # noqa: E402
 
 HANGING_MARKER = "hanging-in-save"
 

@@ -27,11 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from ecosystem_utils import tiny_gpt2, token_rows  # noqa: E402
+from hf_spectral.ecosystem.checkpoints import last_complete_checkpoint, write_manifest  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from hf_spectral import SpectralConfig  # noqa: E402
-from hf_spectral.ecosystem.checkpoints import last_complete_checkpoint, write_manifest  # noqa: E402
 
 STEPS, SAVE_EVERY, GLOBAL_BATCH, LR = 6, 2, 8, 5e-3
 HANGING_MARKER = "hanging-in-save"
