@@ -39,19 +39,11 @@ from hf_spectral.compute import functions
 from recipes.common.machine import cpu_name
 
 from .common import Case, markdown_table, time_interleaved
+from .layers import _Holder
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]
 TOKENS = [128, 512, 2048]
 K = 1000
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def machine_name() -> str:

@@ -150,32 +150,10 @@ class _SpectralReshaped(SpectralLinear):
         object.__setattr__(self, "last_compute_path", "dense")
         return self._with_weight(x, self._merged_weight(active), *args, **kwargs)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row of the batch through its own adapter (``"__base__"``: none), as if run alone with it."""
-        if x.shape[0] != len(adapter_names):
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows: give one adapter "
-                "name (or '__base__') per row."
-            )
-        if self.merged:
-            raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first.")
+    def _forward_with_adapter(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The rows of a mixed batch that take ``adapter``: the base module's forward with its merged weight."""
         weight = self.get_base_layer().weight
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter_names):
-            groups.setdefault(name, []).append(row)
-        out = None
-        for name, rows in groups.items():
-            index = torch.tensor(rows, device=x.device)
-            part = x.index_select(0, index)
-            if name == "__base__" or name not in self.spectral_coefficients:
-                y = self.base_layer(part, *args, **kwargs)
-            else:
-                y = self._with_weight(part, self._adapter_weight(name, weight.dtype, weight.device), *args, **kwargs)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, index, y)
-        object.__setattr__(self, "last_compute_path", "mixed")
-        return out
+        return self._with_weight(x, self._adapter_weight(adapter, weight.dtype, weight.device), *args, **kwargs)
 
 
 class SpectralEmbedding(_SpectralReshaped):

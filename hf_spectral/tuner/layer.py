@@ -472,21 +472,25 @@ class SpectralLinear(nn.Module, SpectralLayer):
             part = x.index_select(0, index)
             if name == "__base__" or name not in self.spectral_coefficients:
                 y = self.base_layer(part, *args, **kwargs)
-            elif self.quantization_backend is not None:
-                y = quantized.forward(self, part, [name], *args, **kwargs)
             else:
-                device_type = x.device.type
-                autocast = torch.is_autocast_enabled(device_type)
-                dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
-                bias = self.get_base_layer().bias
-                with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
-                    y = F.linear(part.to(dtype), self._adapter_weight(name, dtype, x.device),
-                                 None if bias is None else bias.to(dtype))
+                y = self._forward_with_adapter(part, name, *args, **kwargs)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, index, y)
         object.__setattr__(self, "last_compute_path", "mixed")
         return out
+
+    def _forward_with_adapter(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The rows of a mixed batch that take ``adapter``: through its merged weight (kept while unchanged)."""
+        if self.quantization_backend is not None:
+            return quantized.forward(self, x, [adapter], *args, **kwargs)
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        bias = self.get_base_layer().bias
+        with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
+            return F.linear(x.to(dtype), self._adapter_weight(adapter, dtype, x.device),
+                            None if bias is None else bias.to(dtype))
 
     def _forward_matches_cache(self, active: list[str], tokens: int, x: torch.Tensor) -> bool:
         """In training mode without gradients: does the path a gradient pass takes compute its output with the
