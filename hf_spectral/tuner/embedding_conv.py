@@ -120,17 +120,8 @@ class _SpectralReshaped(SpectralLinear):
         """The update's output on the dropped input, or None where dropout does not apply."""
         return None
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.spectral_coefficients]
-        if self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
+    def _spectral_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base module's forward with ``W0 + sum_a scaling_a dW_a`` in place of its weight."""
         if self.training and any(self.spectral_settings[a].dropout > 0 for a in active):
             updates = [self._dropped_update(x, a) for a in active]
             if all(u is not None for u in updates):

@@ -204,15 +204,15 @@ class SpectralLayer(BaseTunerLayer):
         settings = self.spectral_settings[adapter]
         indices = None if settings.block is not None else self._indices(adapter)
         cached = self._spaces.get(adapter)
-        if torch.compiler.is_compiling() and cached is not None and (indices is None or cached[0][0] == id(indices)):
+        if torch.compiler.is_compiling() and cached is not None and (indices is None or cached[0][1] == id(indices)):
             # a traced tensor's version is a symbolic value: comparing two of them is a graph break
             return cached[1]
-        key = None if indices is None else (id(indices), indices._version, indices.device)
+        key = (self.transform,) if indices is None else (self.transform, id(indices), indices._version, indices.device)
         if cached is None or cached[0] != key:
             space = CoefficientSpace(self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices)
+            space.transform = self.transform
             cached = self._spaces[adapter] = (key, space)
             self._path_memo.clear()
-        cached[1].transform = self.transform
         return cached[1]
 
     def rebuild(self, adapter: str) -> torch.Tensor:
@@ -278,7 +278,7 @@ class SpectralLayer(BaseTunerLayer):
 
     def _forward_cached(self, x: torch.Tensor, cache: WeightCache) -> Optional[torch.Tensor]:
         """The lean path of evaluation: one F.linear with the cached weight, or None if the cache is stale."""
-        if self._disable_adapters or self.merged_adapters or not self.cache_weights:
+        if not self.cache_weights:
             return None
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -419,6 +419,8 @@ class SpectralLinear(nn.Module, SpectralLayer):
         shape alone, so every rank and every run takes the same path. ``update_only``: the path for the update
         ``s * x dW^T`` without W0 (a quantized base runs W0 x in its own kernel)."""
         if self.compute_path != "auto":
+            if self.compute_path not in COMPUTE_PATHS:
+                raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
             # 'separate' is what a quantized base does anyway (base forward, then the update by one matmul)
             return "dense" if update_only and self.compute_path == "separate" else self.compute_path
         # In training mode the choice is the same whatever this pass needs: a checkpointed block runs once without
@@ -501,32 +503,40 @@ class SpectralLinear(nn.Module, SpectralLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is not None:
+        if adapter_names is not None:  # each row through its own adapter
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
-        cache = self._weight_cache
-        if cache is not None:
-            out = self._forward_cached(x, cache)
-            if out is not None:
-                return out
+        active = self._adapters_to_run()
+        if not active:  # disabled, merged, or no adapter of this layer active
+            return self._base_forward(x, *args, **kwargs)
+        return self._spectral_forward(x, active, *args, **kwargs)
+
+    def _adapters_to_run(self) -> list[str]:
+        """The active adapters this forward applies unmerged: none while disabled or merged."""
+        if self.disable_adapters or self.merged:
+            return []
+        return [a for a in self.active_adapters if a in self.spectral_coefficients]
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The wrapped layer alone (with merged adapters, if any, unless the adapters are disabled)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             self._require_base_weight("run with the adapters disabled")
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-
-        active = [a for a in self.active_adapters if a in self.spectral_coefficients]
-        if not active:
+        elif not self.merged:
             self._require_base_weight("run without an active adapter")
-            return self.base_layer(x, *args, **kwargs)
-        if self.compute_path not in COMPUTE_PATHS:
-            raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got {self.compute_path!r}.")
+        return self.base_layer(x, *args, **kwargs)
+
+    def _spectral_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``x W^T + b`` with ``W`` from the coefficients, by the path chosen before any compute starts."""
         if dropout.applies(self, active):  # base(x) + update(dropout(x)), as LoRA computes it
             return dropout.forward(self, x, active, *args, **kwargs)
         if self.quantization_backend is not None:  # the quantized kernel plus the update; no weight cache
             return quantized.forward(self, x, active, *args, **kwargs)
-
+        cache = self._weight_cache
+        if cache is not None:  # evaluation's lean path: one F.linear with the kept weight
+            out = self._forward_cached(x, cache)
+            if out is not None:
+                return out
         base = self.get_base_layer()
         device_type = x.device.type
         # Under autocast the layer computes in the autocast dtype, as the nn.Linear it wraps would; the
@@ -535,7 +545,6 @@ class SpectralLinear(nn.Module, SpectralLayer):
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         grad = torch.is_grad_enabled()
         trains = any(self.spectral_coefficients[a].requires_grad for a in active)
-        coefficient_grad = grad and trains
         base_grad = grad and base.weight is not None and base.weight.requires_grad
         # In training mode the path is chosen as if gradients were on even where they are off: gradient
         # checkpointing (use_reentrant=True) runs the forward without them and recomputes it with them, and the
@@ -545,7 +554,7 @@ class SpectralLinear(nn.Module, SpectralLayer):
         with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
             x = x.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
-            if self.cache_weights and not (coefficient_grad or base_grad) and (
+            if self.cache_weights and not ((grad and trains) or base_grad) and (
                 not choose_grad or self._forward_matches_cache(active, tokens, x)
             ):
                 object.__setattr__(self, "last_compute_path", "cached")
@@ -558,7 +567,6 @@ class SpectralLinear(nn.Module, SpectralLayer):
             adapter = active[0]
             settings = self.spectral_settings[adapter]
             values = self.spectral_coefficients[adapter]
-            values = values.to(transform_dtype(values.dtype))
             path = self.choose_path(adapter, tokens, x, choose_grad)
             object.__setattr__(self, "last_compute_path", path)
             # the weight its group of same-shape layers built ahead in this training forward (rebuild_groups.py)
@@ -566,7 +574,7 @@ class SpectralLinear(nn.Module, SpectralLayer):
             return dispatch.run_path(
                 path,
                 x,
-                values,
+                values.to(transform_dtype(values.dtype)),
                 self.coefficient_space(adapter),
                 base_weight=None if settings.mode == "replace" else base.weight,
                 bias=bias,

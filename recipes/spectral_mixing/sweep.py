@@ -11,16 +11,15 @@ Then ``python -m recipes.spectral_mixing.compare runs/spectral_mixing/fair`` pri
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import yaml
+from recipes.common.profiles import load_profile
 
 from .train import load_settings, run
 
 
 def plan(profile_path: str, seeds=None, arms=None, learning_rates=None) -> list[tuple[str, float | None, int]]:
     """The (arm, learning rate, seed) runs, in the order they run: seed-major, so a cut sweep has whole seeds."""
-    profile = yaml.safe_load(Path(profile_path).read_text())
+    profile = load_profile(profile_path)
     seeds = seeds or profile.get("seeds", [0])
     arms = arms or [a["arm"] for a in profile["arms"]]
     rates = learning_rates or profile.get("learning_rates") or [None]

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -34,6 +33,8 @@ import hf_spectral  # noqa: F401  (registers the spectral PEFT method)
 from hf_spectral import SpectralConfig
 from hf_spectral.mixing import SpectralMixingConfig, parameter_counts, replace_attention
 from hf_spectral.optim import create_optimizer
+
+from recipes.common.profiles import load_profile, parse_overrides
 
 from .data import load
 
@@ -91,27 +92,20 @@ class Settings:
             raise ValueError(f"spectral_fraction={self.spectral_fraction}: give a fraction of mn in (0, 1], e.g. 0.5")
 
 
-def parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def load_settings(profile_path: str | None, arm: str, seed: int, overrides: list[str]) -> Settings:
+    """The profile's defaults, then the arm's keys, then ``key=value`` overrides (the recipes' one parser)."""
     values: dict = {}
     profile = "adhoc"
     if profile_path:
-        profile_data = yaml.safe_load(Path(profile_path).read_text())
-        profile = profile_data.get("name", Path(profile_path).stem)
-        values.update(profile_data.get("defaults", {}))
-        arms = {a["arm"]: a for a in profile_data.get("arms", [])}
-        if arms and arm not in arms:
+        profile_data = load_profile(profile_path)
+        profile = profile_data["name"]
+        values.update(profile_data["defaults"])
+        arms = {a["arm"]: a for a in profile_data["arms"]}
+        if arm not in arms:
             raise ValueError(f"--arm {arm!r} is not in {profile_path}: its arms are {sorted(arms)}")
-        values.update(arms.get(arm, {}))
+        values.update(arms[arm])
     values.update(arm=arm, seed=seed, profile=profile)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        values[key] = parse_value(value)
+    values.update(parse_overrides(overrides))
     known = {f.name for f in dataclasses.fields(Settings)}
     unknown = sorted(set(values) - known)
     if unknown:
