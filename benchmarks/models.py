@@ -9,7 +9,7 @@
   matched trainable parameters.
 - A SmolLM2-135M-shaped Llama (HuggingFaceTB/SmolLM2-135M's config: 30 blocks of 576 dims, 9 heads, 3
   key-value heads, MLP 1536, vocabulary 49152, tied head; random weights), all 7 projections of every
-  block: spectral delta K = 1000 (``random`` and ``lowfreq``) against LoRA r = 8, one sequence of 128,
+  block: spectral delta K = 1000 (``random``, ``lowfreq`` and ``grid``) against LoRA r = 8, one sequence of 128,
   512 and 2,048 tokens a step.
 
 Token ids are random: the time of a step does not depend on the text.
@@ -122,6 +122,7 @@ def _smollm2_cases(device, dtype, generator, token_counts, forced_paths=()) -> l
         ("LoRA r=8", LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=SMOLLM2_TARGETS), "auto"),
         ("spectral delta random K=1000", random_k1000, "auto"),
         ("spectral delta lowfreq K=1000", SpectralConfig(n_coefficients=1000, layout="lowfreq", target_modules=SMOLLM2_TARGETS), "auto"),
+        ("spectral delta grid K=1000", SpectralConfig(n_coefficients=1000, layout="grid", target_modules=SMOLLM2_TARGETS), "auto"),
     ] + [(f"spectral delta random K=1000, {path} forced", random_k1000, path) for path in forced_paths]
     batches = {t: torch.randint(0, 49152, (1, t), generator=generator).to(device) for t in token_counts}
     for name, config, path in arms:

@@ -43,7 +43,8 @@ def _reference(layer, x, adapter="default"):
     b_n = basis_matrix(settings.basis, N, settings.seed, torch.float64)
     if settings.block is not None:
         p, q = settings.block
-        full = torch.zeros(M, N, dtype=torch.float64).index_put((torch.arange(p).repeat_interleave(q), torch.arange(q).repeat(p)), values.double())
+        rows, cols = (torch.tensor(f) for f in settings.grid) if settings.grid else (torch.arange(p), torch.arange(q))
+        full = torch.zeros(M, N, dtype=torch.float64).index_put((rows.repeat_interleave(q), cols.repeat(p)), values.double())
     else:
         full = torch.zeros(M * N, dtype=torch.float64).index_put((layer._indices(adapter).cpu(),), values.double()).view(M, N)
     weight = b_m.T @ full @ b_n
@@ -79,7 +80,7 @@ def _outputs_and_grads(fn, layer, x, upstream):
 CASES = [
     (mode, layout, basis, conv)
     for mode in ("delta", "replace")
-    for layout in ("lowfreq", "random")
+    for layout in ("lowfreq", "grid", "random")
     for basis, conv in (("dct", False), ("dct", True), ("random_orthonormal", False))
 ]
 
@@ -91,7 +92,8 @@ def test_every_path_gives_the_reference_outputs_and_gradients(mode, layout, basi
     upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
     expected, expected_grads = _outputs_and_grads(lambda t: _reference(layer, t), layer, x, upstream)
     paths = dispatch.available_paths(layer.coefficient_space("default"), mode)
-    assert ("factored" in paths) == (layout == "lowfreq") and ("spectral" in paths) == (basis == "dct")
+    # a grid's frequencies are not the first of an FFT's: it runs its block by matmuls only
+    assert ("factored" in paths) == (layout != "random") and ("spectral" in paths) == (basis == "dct" and layout != "grid")
     for transform in ("matmul", "fft"):
         for path in paths:
             layer.compute_path = path
@@ -104,7 +106,7 @@ def test_every_path_gives_the_reference_outputs_and_gradients(mode, layout, basi
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{where}: gradient of {name}")
 
 
-@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("replace", "random"), ("replace", "lowfreq")])
+@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("delta", "grid"), ("replace", "random"), ("replace", "lowfreq")])
 def test_paths_in_float32_and_under_bf16_autocast(mode, layout):
     layer = _layer(mode, layout, dtype=torch.float32)
     x = torch.randn(*TOKENS, N)
@@ -152,7 +154,7 @@ def _big_saved_tensors(layer, x):
     return saved
 
 
-@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("replace", "random"), ("replace", "lowfreq")])
+@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("delta", "grid"), ("replace", "random"), ("replace", "lowfreq")])
 def test_no_path_keeps_more_than_one_dense_buffer_for_backward(mode, layout):
     layer = _layer(mode, layout)
     x = torch.randn(*TOKENS, N, dtype=torch.float64, requires_grad=True)

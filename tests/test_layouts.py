@@ -10,7 +10,7 @@ from hf_spectral import dct, layouts
 SHAPES = [(1, 1), (1, 9), (7, 1), (7, 13), (32, 32), (96, 32), (29, 31)]
 
 
-@pytest.mark.parametrize("layout", [layout for layout in layouts.LAYOUTS if layout != "lowfreq"])
+@pytest.mark.parametrize("layout", [layout for layout in layouts.LAYOUTS if layout not in layouts.BLOCK_LAYOUTS])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_layout_gives_distinct_sorted_in_range_indices(layout, shape):
     m, n = shape
@@ -129,3 +129,46 @@ def test_validate_indices_rejects_out_of_range_and_duplicates():
         layouts.validate_indices(torch.tensor([1, 1, 2]), 3, 4, name="fc")
     with pytest.raises(ValueError, match="1-D integer"):
         layouts.validate_indices(torch.tensor([1.0]), 3, 4)
+
+
+# -- grid: a random p x q grid of frequencies, run as a rank-p/q product --------------------------------
+
+
+@pytest.mark.parametrize("m, n, k", [(576, 576, 1000), (1536, 576, 1000), (7, 13, 91), (1, 100, 50), (40, 24, 100)])
+def test_grid_keeps_lowfreqs_block_size_at_frequencies_spread_over_the_spectrum(m, n, k):
+    rows, cols = layouts.grid_frequencies(m, n, k, seed=0)
+    assert (len(rows), len(cols)) == layouts.lowfreq_block(m, n, k)
+    for chosen, size in ((rows, m), (cols, n)):
+        assert list(chosen) == sorted(set(chosen)) and 0 <= chosen[0] and chosen[-1] < size
+    if len(rows) < m // 2:  # not the corner lowfreq takes: some chosen frequency lies in the upper half
+        assert rows[-1] >= m // 2
+    assert layouts.grid_frequencies(m, n, k, seed=1) != (rows, cols) or len(rows) == m and len(cols) == n
+
+
+def test_grid_frequencies_are_pinned():
+    # recomputed from the seed when an adapter is loaded: a change here would change saved adapters
+    assert layouts.grid_frequencies(40, 24, 100, seed=3) == (
+        (2, 10, 13, 15, 16, 22, 24, 30, 33, 34, 39), (0, 3, 8, 9, 10, 12, 18, 19, 20)
+    )
+
+
+@pytest.mark.parametrize("basis", ["dct", "random_orthonormal"])
+def test_grid_matrix_is_the_inverse_transform_of_the_coefficients_at_the_grid(basis):
+    from hf_spectral.transforms.bases import basis_matrix
+    from hf_spectral.transforms.coefficient_space import make_space
+
+    m, n = 40, 24
+    space = make_space(m, n, 100, layout="grid", basis=basis, seed=3)
+    assert not space.fft_ok
+    values = torch.randn(space.k, dtype=torch.float64)
+    full = torch.zeros(m, n, dtype=torch.float64)
+    rows, cols = space.grid
+    full[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = values.view(space.block)
+    b_m, b_n = basis_matrix(basis, m, 3, torch.float64, "cpu"), basis_matrix(basis, n, 3, torch.float64, "cpu")
+    expected = b_m.T @ full @ b_n
+    if basis == "dct":
+        import scipy.fft
+
+        torch.testing.assert_close(expected, torch.from_numpy(scipy.fft.idctn(full.numpy(), norm="ortho")))
+    torch.testing.assert_close(space.to_matrix(values), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(space.from_matrix(expected), values, rtol=0, atol=1e-12)

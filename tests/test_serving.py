@@ -75,6 +75,19 @@ def test_lower_rank_error_is_the_svd_tail(name, rank):
     assert lora_config.r == rank == lora_config.lora_alpha  # the LoRA scaling is 1: B A is the update
 
 
+@pytest.mark.parametrize("layout", ["lowfreq", "grid"])
+def test_a_block_adapter_converts_exactly_at_the_rank_of_its_block(layout):
+    factory, targets = MODELS["llama-linear"]
+    config = SpectralConfig(n_coefficients=12, layout=layout, target_modules=targets, init_weights=False, seed=1)
+    spectral = get_peft_model(factory(seed=0), config).eval()
+    ranks = {min(layer.spectral_settings["default"].block) for layer in spectral.modules()
+             if hasattr(layer, "spectral_settings")}
+    _, state = convert_to_lora(spectral, max(ranks))
+    assert lora_update_error(spectral, state)["relative_error"] < 1e-5
+    _, state = convert_to_lora(spectral, min(ranks) - 1)
+    assert lora_update_error(spectral, state)["relative_error"] > 1e-3  # the block's rank is all of it
+
+
 def test_a_rank_above_the_layer_size_names_the_limit():
     _, spectral = _spectral("gpt2-conv1d")
     with pytest.raises(ValueError, match="larger than the weight shape"):

@@ -14,7 +14,7 @@ import sys
 
 from .common import CLIError, count, fraction, load_model, positive_int, size_in_bytes, table
 
-LAYOUTS = ("lowfreq", "triangle", "random", "energy", "banded")  # hf_spectral.layouts.LAYOUTS (tested equal)
+LAYOUTS = ("lowfreq", "grid", "triangle", "random", "energy", "banded")  # hf_spectral.layouts.LAYOUTS (tested equal)
 WEIGHTS_FILE = "adapter_model.safetensors"  # hf_spectral.ecosystem.adapter_files.WEIGHTS_NAME (tested equal)
 
 
@@ -439,7 +439,7 @@ def _check_growth(args, dense_memory: int, dense_weights: int, memory: int, pred
         print(f"warning: the compressed model is larger than the dense one ({what}); writing it (--allow-growth)",
               file=sys.stderr)
         return
-    if args.layout in ("lowfreq", "triangle"):
+    if args.layout in ("lowfreq", "grid", "triangle"):
         why, fix = "", "Lower --fraction"
     else:
         why = " plus its index set"

@@ -8,7 +8,7 @@ The model only ranks paths: every path is exact, so a wrong ranking costs time, 
 ``auto`` takes its cheapest path unless ``tune_compute_paths`` measured one (``autotune.py``, which uses it
 to prune the candidates it times).
 
-A space passed in here needs only ``m``, ``n``, ``k``, ``block`` and ``basis`` (a
+A space passed in here needs only ``m``, ``n``, ``k``, ``block`` and ``fft_ok`` (a
 ``coefficient_space.CoefficientSpace``); this module imports nothing of the package.
 """
 
@@ -78,7 +78,7 @@ def transform_cost(costs: DeviceCosts, rows: int, size: int, keep: int, method: 
 def _best_transform(space, costs: DeviceCosts, rows: int, side: str, keep: int) -> float:
     size = space.m if side == "out" else space.n
     options = [transform_cost(costs, rows, size, keep, "matmul")]
-    if space.basis == "dct":
+    if space.fft_ok:
         options.append(transform_cost(costs, rows, size, keep, "fft"))
     return min(options)
 
@@ -123,7 +123,7 @@ def estimate_costs(
     # one T x n by n x m product in the activations' dtype
     dense_mm = 2.0 * t * m * n * h + launch
     # the cheaper rebuild of W (and, in backward, of the adjoint)
-    weight = min(weight_cost(space, costs, "matmul"), weight_cost(space, costs, "fft") if space.basis == "dct" else math.inf)
+    weight = min(weight_cost(space, costs, "matmul"), weight_cost(space, costs, "fft") if space.fft_ok else math.inf)
     base = 0.0
     if mode == "delta":  # what the activation-domain paths pay for W0 x (and its input gradient), and the sum
         base = dense_mm * (1 + input_grad) + costs.elementwise * t * m + launch
@@ -157,7 +157,7 @@ def estimate_costs(
     if space.block is not None:
         p, q = space.block
         for path, method in (("factored", "matmul"), ("spectral", "fft")):
-            if method == "fft" and space.basis != "dct":
+            if method == "fft" and not space.fft_ok:
                 continue
             mm = h if method == "matmul" else 1.0  # factored runs in the activations' dtype, spectral in float32
             t_in = transform_cost(costs, t, n, q, method, mm)  # x to its first q input coefficients
@@ -171,7 +171,7 @@ def estimate_costs(
             if input_grad:
                 cost += small + t_in
             out[path] = cost
-    elif space.basis == "dct":
+    elif space.fft_ok:
         # one fused function (functions.ScatteredSpectral): the transforms write the layout the sparse products
         # read, and the frozen product is accumulated onto the update (no separate sum)
         t_in = transform_cost(costs, t, n, n, "fft")

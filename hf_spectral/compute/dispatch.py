@@ -51,7 +51,7 @@ def available_paths(space, mode: str) -> tuple[str, ...]:
         paths.append("separate")
     if space.block is not None:
         paths.append("factored")
-    if space.basis == "dct":
+    if space.fft_ok:
         paths.append("spectral")
     return tuple(paths)
 

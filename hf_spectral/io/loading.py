@@ -89,6 +89,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 def index_fingerprint(space) -> str:
     """A hash of a coefficient space's basis and index set (its block, or its positions as int64)."""
     head = f"{space.basis}|{space.seed}|{space.m}x{space.n}|".encode()
+    if space.grid is not None:
+        return _digest(head + f"grid {space.grid}".encode())
     if space.block is not None:
         return _digest(head + f"block {space.block[0]}x{space.block[1]}".encode())
     return _digest(head + _tensor_bytes(space.indices.to(torch.int64)))

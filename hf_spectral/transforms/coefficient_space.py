@@ -3,8 +3,10 @@ its K coefficients and the m x n matrix they stand for.
 
 A spectral weight is ``W = B_m^T S B_n`` with B an orthonormal basis (the DCT, or a seeded random
 orthonormal basis) and S zero outside an index set Omega of K positions. Omega is either a p x q block
-in the top-left corner (the ``lowfreq`` layout; coefficients in row-major p x q order) or K scattered
-flat positions ``row * n + col`` (every other layout; coefficients in the order of the positions).
+(coefficients in row-major p x q order) or K scattered flat positions ``row * n + col`` (every other
+layout; coefficients in the order of the positions). A block is the top-left corner (``lowfreq``), or the
+crossing of p chosen frequency rows and q chosen columns (``grid``): either way ``W = R_m^T S_pq R_n`` with
+R the block's p (q) basis rows, which :meth:`CoefficientSpace.block_rows` gives.
 
 This module is the only one that turns coefficients into matrices and back (the transforms themselves
 live in ``dct`` and ``bases``). The layer, its compute paths, the optimiser, the adapter-file reader and
@@ -28,7 +30,7 @@ from ..compute import cost_model
 from .bases import basis_matrix
 from .dct import dct2, dct_lastdim, idct_lastdim, scratch_buffer, uses_scratch
 from .index_codec import in_memory
-from .layouts import CALIBRATED_LAYOUTS, DATA_DEPENDENT_LAYOUTS, lowfreq_block, select_indices, validate_indices
+from .layouts import CALIBRATED_LAYOUTS, DATA_DEPENDENT_LAYOUTS, grid_frequencies, lowfreq_block, select_indices, validate_indices
 
 __all__ = ["CoefficientSpace", "make_space", "TRANSFORMS", "group_key", "group_to_matrix", "group_from_matrix"]
 
@@ -42,10 +44,13 @@ class CoefficientSpace:
     Args:
         m, n: the weight's shape (out x in).
         basis: ``"dct"`` or ``"random_orthonormal"``; ``seed`` seeds the random basis.
-        block: (p, q) for a top-left block, else None.
+        block: (p, q) for a block, else None.
         indices: the K sorted flat positions (a 1-D integer tensor) when ``block`` is None.
+        grid: the block's (output frequencies, input frequencies), two sorted tuples of p and q ints; None for
+            the top-left block (frequencies 0..p-1 and 0..q-1).
 
-    ``transform`` ("auto", "fft" or "matmul") chooses how the DCT runs; other bases always use matmuls.
+    ``transform`` ("auto", "fft" or "matmul") chooses how the DCT runs; other bases, and grids (whose rows
+    an FFT would compute all of), always use matmuls.
     """
 
     def __init__(
@@ -56,17 +61,23 @@ class CoefficientSpace:
         seed: int = 0,
         block: Optional[tuple[int, int]] = None,
         indices: Optional[torch.Tensor] = None,
+        grid: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None,
     ):
         if (block is None) == (indices is None):
             raise ValueError("A coefficient space has either a block (p, q) or scattered indices, not both or neither.")
+        if grid is not None and (block is None or tuple(map(len, grid)) != tuple(block)):
+            raise ValueError(f"A grid of {tuple(map(len, grid))} frequencies does not match the block {block}.")
         self.m, self.n, self.basis, self.seed, self.block = m, n, basis, seed, block
-        self.indices = indices
+        self.indices, self.grid = indices, grid
+        # FFTs give every frequency in order: they serve the DCT on scattered positions or a top-left block
+        self.fft_ok = basis == "dct" and grid is None
         self.k = block[0] * block[1] if block is not None else int(indices.numel())
         self.transform = "auto"
         self._sparse = {}
+        self._grid_rows = {}
 
     def __repr__(self) -> str:
-        where = f"block {self.block[0]}x{self.block[1]}" if self.block else f"{self.k} scattered positions"
+        where = f"{'grid' if self.grid else 'block'} {self.block[0]}x{self.block[1]}" if self.block else f"{self.k} scattered positions"
         return f"CoefficientSpace({self.m}x{self.n}, {self.basis}, {where})"
 
     # -- the bases, and transforms of activations along the last dimension ---------------------------
@@ -74,6 +85,19 @@ class CoefficientSpace:
     def basis_rows(self, side: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The size x size basis of ``side`` ("out": m, "in": n), rows are basis vectors (cached, read-only)."""
         return basis_matrix(self.basis, self.size(side), self.seed, dtype, device)
+
+    def block_rows(self, side: str, keep: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The ``keep`` basis rows a block's coefficients of ``side`` stand for: the first ``keep``, or the grid's."""
+        rows = self.basis_rows(side, dtype, device)
+        if self.grid is None or keep == self.size(side):
+            return rows[:keep]
+        chosen = self.grid[0 if side == "out" else 1]
+        if keep != len(chosen):
+            raise ValueError(f"this grid keeps {len(chosen)} {side} frequencies, not {keep}.")
+        key = (side, dtype, device)
+        if key not in self._grid_rows:
+            self._grid_rows[key] = rows.index_select(0, torch.tensor(chosen, device=device))
+        return self._grid_rows[key]
 
     def size(self, side: str) -> int:
         return self.m if side == "out" else self.n
@@ -91,14 +115,14 @@ class CoefficientSpace:
             if scratch and x.dim() == 2 and uses_scratch(x):
                 out = scratch_buffer(f"analyse.{side}", (keep, x.shape[0]) if transpose else (x.shape[0], keep), x.dtype, x.device)
             return dct_lastdim(x, keep, transpose=transpose, out=out)
-        out = x @ self.basis_rows(side, x.dtype, x.device)[:keep].T
+        out = x @ self.block_rows(side, keep, x.dtype, x.device).T
         return out.T.contiguous() if transpose else out
 
     def synthesise(self, c: torch.Tensor, side: str, method: str) -> torch.Tensor:
         """Rows of length m or n from their first ``c.shape[-1]`` coefficients (the rest zero)."""
         if method == "fft":
             return idct_lastdim(c, self.size(side))
-        return c @ self.basis_rows(side, c.dtype, c.device)[: c.shape[-1]]
+        return c @ self.block_rows(side, c.shape[-1], c.dtype, c.device)
 
     # -- coefficients <-> matrix ----------------------------------------------------------------------
 
@@ -107,12 +131,14 @@ class CoefficientSpace:
         paths' ``matrix`` is)."""
         m, n = self.m, self.n
         method = method or self.weight_method(values.device)
+        if not self.fft_ok:
+            method = "matmul"
         if self.block is not None:
             p, q = self.block
             s = values.view(p, q)
             if method == "fft":  # rows first (p x n), then columns (n x m), transposed back
                 return self.synthesise(self.synthesise(s, "in", "fft").T, "out", "fft").T
-            b_m, b_n = self.basis_rows("out", s.dtype, s.device)[:p], self.basis_rows("in", s.dtype, s.device)[:q]
+            b_m, b_n = self.block_rows("out", p, s.dtype, s.device), self.block_rows("in", q, s.dtype, s.device)
             if m * p * q + m * q * n <= p * q * n + p * n * m:
                 return (b_m.T @ s) @ b_n
             return b_m.T @ (s @ b_n)
@@ -125,12 +151,14 @@ class CoefficientSpace:
         """The K coefficients of an m x n matrix on the index set: the adjoint of :meth:`to_matrix` (a weight
         gradient to the coefficients' gradient) and the best approximation of a weight on the set."""
         method = method or self.weight_method(matrix.device)
+        if not self.fft_ok:
+            method = "matmul"
         if self.block is not None:
             p, q = self.block
             if method == "fft":
                 return self.analyse(self.analyse(matrix, "in", q, "fft").T, "out", p, "fft").T.reshape(-1)
-            b_m = self.basis_rows("out", matrix.dtype, matrix.device)[:p]
-            b_n = self.basis_rows("in", matrix.dtype, matrix.device)[:q]
+            b_m = self.block_rows("out", p, matrix.dtype, matrix.device)
+            b_n = self.block_rows("in", q, matrix.dtype, matrix.device)
             return (b_m @ matrix @ b_n.T).reshape(-1)
         return self.all_coefficients(matrix, method).reshape(-1)[self.indices]
 
@@ -146,7 +174,7 @@ class CoefficientSpace:
 
     def weight_method(self, device: torch.device) -> str:
         """fft or matmul for ``to_matrix`` / ``from_matrix``, whichever the cost model finds cheaper."""
-        if self.basis != "dct":
+        if not self.fft_ok:
             return "matmul"
         if self.transform != "auto":
             return self.transform
@@ -156,7 +184,7 @@ class CoefficientSpace:
 
     def activation_method(self, side: str, keep: int, device: torch.device, rows: int) -> str:
         """fft or matmul for a float32 transform of ``rows`` activations, whichever is cheaper."""
-        if self.basis != "dct":
+        if not self.fft_ok:
             return "matmul"
         if self.transform != "auto":
             return self.transform
@@ -221,20 +249,22 @@ class CoefficientSpace:
 
 def group_key(space: CoefficientSpace, method: str) -> tuple:
     """Spaces with equal keys share one batched map: the same shape, basis (and seed of a random basis),
-    block (or scattered positions, which may differ) and transform method."""
-    return (space.m, space.n, space.basis, 0 if space.basis == "dct" else space.seed, space.block, method)
+    block and grid (or scattered positions, which may differ) and transform method."""
+    method = method if space.fft_ok else "matmul"
+    return (space.m, space.n, space.basis, 0 if space.basis == "dct" else space.seed, space.block, space.grid, method)
 
 
 def group_to_matrix(spaces: list[CoefficientSpace], values: list[torch.Tensor], method: str) -> torch.Tensor:
     """``to_matrix`` of several spaces with one :func:`group_key`, batched: an L x m x n tensor."""
     first = spaces[0]
     m, n, count = first.m, first.n, len(spaces)
+    method = method if first.fft_ok else "matmul"
     if first.block is not None:
         p, q = first.block
         s = torch.stack([v.view(p, q) for v in values])
         if method == "fft":
             return first.synthesise(first.synthesise(s, "in", "fft").transpose(-1, -2), "out", "fft").transpose(-1, -2)
-        b_m, b_n = first.basis_rows("out", s.dtype, s.device)[:p], first.basis_rows("in", s.dtype, s.device)[:q]
+        b_m, b_n = first.block_rows("out", p, s.dtype, s.device), first.block_rows("in", q, s.dtype, s.device)
         return (b_m.T @ s) @ b_n
     full = values[0].new_zeros(count * m * n).index_put_((_group_positions(spaces),), torch.cat(values)).view(count, m, n)
     if method == "fft":
@@ -245,13 +275,14 @@ def group_to_matrix(spaces: list[CoefficientSpace], values: list[torch.Tensor], 
 def group_from_matrix(spaces: list[CoefficientSpace], matrices: torch.Tensor, method: str) -> list[torch.Tensor]:
     """``from_matrix`` of an L x m x n tensor for several spaces with one :func:`group_key`: L coefficient vectors."""
     first = spaces[0]
+    method = method if first.fft_ok else "matmul"
     if first.block is not None:
         p, q = first.block
         if method == "fft":
             s = first.analyse(first.analyse(matrices, "in", q, "fft").transpose(-1, -2), "out", p, "fft").transpose(-1, -2)
         else:
-            b_m = first.basis_rows("out", matrices.dtype, matrices.device)[:p]
-            b_n = first.basis_rows("in", matrices.dtype, matrices.device)[:q]
+            b_m = first.block_rows("out", p, matrices.dtype, matrices.device)
+            b_n = first.block_rows("in", q, matrices.dtype, matrices.device)
             s = b_m @ matrices @ b_n.T
         return list(s.reshape(len(spaces), p * q).unbind(0))
     if method == "fft":
@@ -300,11 +331,14 @@ def make_space(
     as ``index_codec.decode`` gives them): they are validated and used as they are (a data-dependent set
     cannot be recomputed from the config). ``gradient`` (out x in, the loss gradient of the weight) is read by
     the ``gradient`` layout, which keeps its K largest coefficients in the layer's basis. Index sets are held
-    as int32 positions where the layer's m * n fits (``index_codec.memory_dtype``). ``lowfreq`` keeps the largest block that fits ``k`` (possibly fewer
-    than ``k`` coefficients).
+    as int32 positions where the layer's m * n fits (``index_codec.memory_dtype``). ``lowfreq`` and ``grid`` keep
+    the largest block that fits ``k`` (possibly fewer than ``k`` coefficients).
     """
     if layout == "lowfreq":
         return CoefficientSpace(m, n, basis, seed, block=lowfreq_block(m, n, k))
+    if layout == "grid":
+        grid = grid_frequencies(m, n, k, seed)
+        return CoefficientSpace(m, n, basis, seed, block=tuple(map(len, grid)), grid=grid)
     if indices is not None:
         validate_indices(indices, m, n, name=name)
         return CoefficientSpace(m, n, basis, seed, indices=in_memory(indices, m, n))

@@ -9,6 +9,10 @@ layout     which coefficients                                                  n
 =========  ==================================================================  ===========
 lowfreq    the top-left p x q block, p/q close to m/n and p*q <= K; the        no
            update has rank <= min(p, q), and the forward can skip building W
+grid       every coefficient of p frequency rows x q frequency columns drawn   no
+           at random (seeded; p x q as lowfreq's): spread over the spectrum
+           like ``random``, and a rank <= min(p, q) product the forward runs
+           with fixed basis rows, as LoRA runs its factors
 triangle   the K lowest frequencies by i/m + j/n (JPEG's zigzag order)         no
 random     K positions uniformly at random (seeded); can host full rank        no
 energy     the K largest |DCT(W0)| of the existing weight                      yes
@@ -19,7 +23,8 @@ gradient   the K largest |DCT(G)| of the loss gradient G of the frozen weight  c
            coefficients where a first step would move the most (as LoRA-GA)
 =========  ==================================================================  ===========
 
-Sets that need data are saved with the adapter; the others are recomputed from shape and seed. A
+``lowfreq`` and ``grid`` keep a block of p x q coefficients (:func:`lowfreq_block`, :func:`grid_frequencies`),
+not scattered positions. Sets that need data are saved with the adapter; the others are recomputed from shape and seed. A
 ``gradient`` set is chosen by an explicit step after ``get_peft_model`` (``CALIBRATED_LAYOUTS``), so it
 is not in ``LAYOUTS``, the layouts a layer computes when it is created.
 Layers hold them as int32 where m * n fits, and save them in the smaller of two forms (``index_codec``).
@@ -34,8 +39,10 @@ import torch
 
 from . import stable_random
 
-LAYOUTS = ("lowfreq", "triangle", "random", "energy", "banded")
+LAYOUTS = ("lowfreq", "grid", "triangle", "random", "energy", "banded")
 DATA_DEPENDENT_LAYOUTS = ("energy", "banded")
+# a p x q block of coefficients rather than scattered positions
+BLOCK_LAYOUTS = ("lowfreq", "grid")
 # chosen from calibration data after the adapter is created; until then the layer refuses to run
 CALIBRATED_LAYOUTS = ("gradient",)
 ALL_LAYOUTS = LAYOUTS + CALIBRATED_LAYOUTS
@@ -90,6 +97,18 @@ def lowfreq_block(m: int, n: int, k: int) -> tuple[int, int]:
     largest = max(c[0] for c in candidates)
     best = min((c for c in candidates if c[0] >= 0.99 * largest), key=lambda c: (c[1], -c[0]))
     return best[2], best[3]
+
+
+def grid_frequencies(m: int, n: int, k: int, seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``grid`` layout's p output and q input frequencies (sorted), p x q as :func:`lowfreq_block`."""
+    p, q = lowfreq_block(m, n, k)
+    rows = np.sort(stable_random.choose(seed, m, p, stream=_GRID_ROWS))
+    cols = np.sort(stable_random.choose(seed, n, q, stream=_GRID_COLS))
+    return tuple(int(r) for r in rows), tuple(int(c) for c in cols)
+
+
+# the grid's own random streams, apart from those of random (0) and banded (1 + ring)
+_GRID_ROWS, _GRID_COLS = 1001, 1002
 
 
 def _frequency_grid(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +183,10 @@ def select_indices(
     """
     if layout not in ALL_LAYOUTS:
         raise ValueError(f"layout must be one of {ALL_LAYOUTS}, got {layout!r}.")
-    if layout == "lowfreq":
-        raise ValueError("layout='lowfreq' keeps a p x q block, not scattered positions: use lowfreq_block(m, n, k).")
+    if layout in BLOCK_LAYOUTS:
+        raise ValueError(
+            f"layout={layout!r} keeps a p x q block, not scattered positions: use lowfreq_block or grid_frequencies."
+        )
     if not 1 <= k <= m * n:
         raise ValueError(f"budget k={k} is outside 1..{m * n} for an {m} x {n} layer.")
     if layout == "triangle":

@@ -42,6 +42,8 @@ class SpectralConfig(PeftConfig):
             ``{"c_fc": 4000, r"h\\.0\\..*": 0.25}``; an int is a count, a float a fraction.
         layout (`str`): which coefficients are kept: ``"random"`` (default, seeded; can represent
             full-rank updates), ``"lowfreq"`` (top-left block; rank <= block size, fastest forward),
+            ``"grid"`` (every coefficient of p random frequency rows x q random columns: spread over the
+            spectrum, and run as a rank <= min(p, q) product with fixed basis rows, at lowfreq's cost),
             ``"triangle"`` (lowest frequencies in zigzag order), ``"energy"`` (largest |DCT| of the existing
             weight), ``"banded"`` (rings by frequency, half by energy and half at random per ring),
             ``"gradient"`` (delta mode: largest |DCT| of the loss gradient on calibration batches; chosen by
@@ -51,8 +53,8 @@ class SpectralConfig(PeftConfig):
         scaling (`float`): delta mode's multiplier of the update. Under Adam, scaling and learning rate
             trade off one for one; with the default 10 the learning rates that suit LoRA (1e-4 to 1e-3)
             suit spectral deltas too. Ignored in replace mode, where S is the weight itself.
-        seed (`int`): seed of the random layout, the ``banded`` layout's random share and the random
-            basis. The same seed gives the same indices on every machine and library version.
+        seed (`int`): seed of the random and grid layouts, the ``banded`` layout's random share and the
+            random basis. The same seed gives the same indices on every machine and library version.
         banded_rings (`int`), banded_energy_share (`float`): the ``banded`` layout's number of rings and the
             share of each ring chosen by energy (the rest is random).
         init_weights (`bool` or `str`): ``True`` (default) starts from what the base model is: in delta mode

@@ -101,7 +101,7 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
             self.spectral_expert_indices[adapter_name] = space.indices.to(device)
         self.spectral_expert_settings[adapter_name] = AdapterSettings(
             mode="delta", layout=config.layout, basis=config.basis, seed=config.seed, scaling=float(config.scaling),
-            block=space.block,
+            block=space.block, grid=space.grid,
         )
         self._spaces.pop(adapter_name, None)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -115,7 +115,9 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
         key = None if indices is None else (id(indices), indices._version, indices.device)
         cached = self._spaces.get(adapter)
         if cached is None or cached[0] != key:
-            space = CoefficientSpace(self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices)
+            space = CoefficientSpace(
+                self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices, settings.grid
+            )
             cached = self._spaces[adapter] = (key, space)
         return cached[1]
 

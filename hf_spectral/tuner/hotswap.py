@@ -180,8 +180,8 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_n_coefficient
             space = layer.coefficient_space(adapter)
             if space.block is not None:
                 raise ValueError(
-                    f"Layer {name!r}, adapter {adapter!r} has a lowfreq block; blocks are not padded (a smaller block "
-                    "is swapped into the held one as it is)."
+                    f"Layer {name!r}, adapter {adapter!r} has a block of coefficients (lowfreq or grid); blocks are not "
+                    "padded (a smaller lowfreq block is swapped into the held one as it is)."
                 )
             target = min(target_n_coefficients, space.m * space.n)
             if target <= space.k:
@@ -246,10 +246,15 @@ def _pad(positions: torch.Tensor, k: int, size: int) -> torch.Tensor:
 def _fit(space: CoefficientSpace, values: torch.Tensor, held: CoefficientSpace, name: str):
     """(values, positions or None) of the new adapter in the held layer's shape: same K, same kind of index set."""
     if (space.block is None) != (held.block is None):
-        kinds = ("a lowfreq block", "scattered positions")
+        kinds = ("a block (lowfreq or grid)", "scattered positions")
         raise ValueError(
             f"Layer {name!r}: the held adapter has {kinds[held.block is None]}, the new one {kinds[space.block is None]}; "
             "hotswapping keeps the kind of index set. Load the new adapter with load_adapter() instead."
+        )
+    if space.grid != held.grid:
+        raise ValueError(
+            f"Layer {name!r}: the new adapter keeps another grid of frequencies than the held one (another seed or "
+            "budget); hotswapping keeps the index set. Load the new adapter with load_adapter() instead."
         )
     if space.block is not None:
         (p, q), (hp, hq) = space.block, held.block

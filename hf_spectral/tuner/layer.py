@@ -38,8 +38,9 @@ class AdapterSettings:
     basis: str
     seed: int
     scaling: float
-    block: Optional[tuple[int, int]]  # (p, q) for the lowfreq layout, else None
+    block: Optional[tuple[int, int]]  # (p, q) for the lowfreq and grid layouts, else None
     dropout: float = 0.0  # delta mode: dropout on the update's input while training (dropout.py)
+    grid: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None  # the grid layout's frequencies
 
 
 class SpectralLayer(BaseTunerLayer):
@@ -155,7 +156,7 @@ class SpectralLayer(BaseTunerLayer):
             self.spectral_fixed_indices[adapter_name] = space.indices.to(device)
         self.spectral_settings[adapter_name] = AdapterSettings(
             mode=mode, layout=layout, basis=basis, seed=seed, scaling=float(config.scaling), block=space.block,
-            dropout=float(getattr(config, "spectral_dropout", 0.0)),
+            dropout=float(getattr(config, "spectral_dropout", 0.0)), grid=space.grid,
         )
         if calibrated:
             self.uncalibrated_adapters.add(adapter_name)
@@ -209,7 +210,9 @@ class SpectralLayer(BaseTunerLayer):
             return cached[1]
         key = (self.transform,) if indices is None else (self.transform, id(indices), indices._version, indices.device)
         if cached is None or cached[0] != key:
-            space = CoefficientSpace(self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices)
+            space = CoefficientSpace(
+                self.out_features, self.in_features, settings.basis, settings.seed, settings.block, indices, settings.grid
+            )
             space.transform = self.transform
             cached = self._spaces[adapter] = (key, space)
             self._path_memo.clear()

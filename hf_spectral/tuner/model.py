@@ -90,7 +90,7 @@ def tune_compute_paths(model: nn.Module, tokens, *, dtype: torch.dtype | None = 
                 base = layer.get_base_layer().weight if delta else None
                 run_dtype = dtype or layer.model_dtype()
                 for count in counts:
-                    signature = (settings.mode if delta else "replace", space.m, space.n, space.block, space.k,
+                    signature = (settings.mode if delta else "replace", space.m, space.n, space.block, space.grid, space.k,
                                  space.basis, run_dtype, values.requires_grad, count, layer.fan_in_fan_out and delta,
                                  values.device)
                     if signature not in measured:
@@ -429,7 +429,7 @@ class SpectralModel(BaseTuner):
                 total = torch.zeros_like(layer.spectral_coefficients[adapter_name])
                 for adapter, weight in zip(adapters, weights, strict=True):
                     space = layer.coefficient_space(adapter)
-                    same = space.block == target.block and (
+                    same = (space.block, space.grid) == (target.block, target.grid) and (
                         space.block is not None or torch.equal(space.indices.cpu(), target.indices.cpu())
                     )
                     if not same:
