@@ -1,6 +1,6 @@
 """Hub round trip against a local Hub server (tests/hub_server.py) with the real client code.
 
-``tests/hub_client.py`` runs in a subprocess with ``HF_ENDPOINT`` pointing at the server (the
+``tests/workers/hub_client.py`` runs in a subprocess with ``HF_ENDPOINT`` pointing at the server (the
 client reads it at import): it pushes a tiny GPT-2, then spectral adapters in both modes with
 ``model.push_to_hub``, loads each back with ``PeftModel.from_pretrained`` and
 ``AutoPeftModelForCausalLM`` from the repo, runs ``hf-spectral inspect`` on the repo id, and pushes a
@@ -29,7 +29,7 @@ def pushed(tmp_path_factory):
             HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
             HF_HOME=str(tmp_path_factory.mktemp("hf_home")), HF_TOKEN="hf_local_test_token",
         )
-        result = run_checked([sys.executable, str(TESTS_DIR / "hub_client.py")], timeout=240, env=env)
+        result = run_checked([sys.executable, str(TESTS_DIR / "workers" / "hub_client.py")], timeout=240, env=env)
         yield hub, json.loads(result.stdout.strip().splitlines()[-1])
     finally:
         hub.stop()

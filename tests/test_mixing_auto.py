@@ -221,7 +221,7 @@ def test_push_to_hub_and_load_by_repo_id_with_revision_dtype_and_device_map(tmp_
     try:
         env = subprocess_env(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
                              HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_local_test_token")
-        result = run_checked([sys.executable, str(TESTS_DIR / "mixing_hub_client.py")], timeout=240, env=env)
+        result = run_checked([sys.executable, str(TESTS_DIR / "workers" / "mixing_hub_client.py")], timeout=240, env=env)
         results = json.loads(result.stdout.strip().splitlines()[-1])
         card = hub.files["test-org/tiny-mixer"]["README.md"].decode()
     finally:

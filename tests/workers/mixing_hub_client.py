@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
 assert os.environ["HF_ENDPOINT"].startswith("http://127.0.0.1:"), "this script only talks to a local test hub"
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 from tiny_models import make_gpt2  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 

@@ -16,6 +16,7 @@ import torch
 
 assert os.environ["HF_ENDPOINT"].startswith("http://127.0.0.1:"), "this script only talks to a local test hub"
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for its shared helpers
 from ecosystem_utils import token_rows  # noqa: E402
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tiny_models import make_gpt2  # noqa: E402
