@@ -30,7 +30,14 @@ from ..compute import cost_model
 from .bases import basis_matrix
 from .dct import dct2, dct_lastdim, idct_lastdim, scratch_buffer, uses_scratch
 from .index_codec import in_memory
-from .layouts import CALIBRATED_LAYOUTS, DATA_DEPENDENT_LAYOUTS, grid_frequencies, lowfreq_block, select_indices, validate_indices
+from .layouts import (
+    CALIBRATED_LAYOUTS,
+    DATA_DEPENDENT_LAYOUTS,
+    grid_frequencies,
+    lowfreq_block,
+    select_indices,
+    validate_indices,
+)
 
 __all__ = ["CoefficientSpace", "make_space", "TRANSFORMS", "group_key", "group_to_matrix", "group_from_matrix"]
 

@@ -212,7 +212,7 @@ def _refresh_in_place(layer, adapter: str) -> None:
             if (pattern[2] is None) != (new[2] is None):
                 del space._sparse[key]  # another structure: built again on the next use
                 continue
-            for held, value in zip(pattern, new):
+            for held, value in zip(pattern, new, strict=True):
                 if held is not None:
                     held.copy_(value)
     caches = [layer._weight_cache] + list(layer._mixed_weights.values())

@@ -33,7 +33,6 @@ import hf_spectral  # noqa: F401  (registers the spectral PEFT method)
 from hf_spectral import SpectralConfig
 from hf_spectral.mixing import SpectralMixingConfig, parameter_counts, replace_attention
 from hf_spectral.optim import create_optimizer
-
 from recipes.common.profiles import load_profile, parse_overrides
 
 from .data import load
