@@ -29,6 +29,7 @@ from .layers import matched_lora_rank
 
 MODEL_GROUPS = ("char", "finetune", "smollm2")
 SMOLLM2_TOKENS = (128, 512, 2048)
+SMOLLM2_LAYOUTS = ("random", "lowfreq", "grid")  # spectral delta K = 1000 arms, beside LoRA r=8
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -87,6 +88,7 @@ def build_model_cases(
     groups: tuple = MODEL_GROUPS,
     smollm2_tokens: tuple = SMOLLM2_TOKENS,
     smollm2_paths: tuple = (),
+    smollm2_layouts: tuple = SMOLLM2_LAYOUTS,
 ) -> list[Case]:
     cases = []
     generator = torch.Generator().manual_seed(0)
@@ -95,7 +97,7 @@ def build_model_cases(
     if "finetune" in groups:
         cases += _finetune_cases(device, dtype, generator, finetune_k)
     if "smollm2" in groups:
-        cases += _smollm2_cases(device, dtype, generator, smollm2_tokens, smollm2_paths)
+        cases += _smollm2_cases(device, dtype, generator, smollm2_tokens, smollm2_paths, smollm2_layouts)
     return cases
 
 
@@ -115,15 +117,15 @@ def _char_cases(device, dtype, generator) -> list[Case]:
     return cases
 
 
-def _smollm2_cases(device, dtype, generator, token_counts, forced_paths=()) -> list[Case]:
+def _smollm2_cases(device, dtype, generator, token_counts, forced_paths=(), layouts=SMOLLM2_LAYOUTS) -> list[Case]:
     cases = []
     random_k1000 = SpectralConfig(n_coefficients=1000, layout="random", target_modules=SMOLLM2_TARGETS)
-    arms = [
-        ("LoRA r=8", LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=SMOLLM2_TARGETS), "auto"),
-        ("spectral delta random K=1000", random_k1000, "auto"),
-        ("spectral delta lowfreq K=1000", SpectralConfig(n_coefficients=1000, layout="lowfreq", target_modules=SMOLLM2_TARGETS), "auto"),
-        ("spectral delta grid K=1000", SpectralConfig(n_coefficients=1000, layout="grid", target_modules=SMOLLM2_TARGETS), "auto"),
-    ] + [(f"spectral delta random K=1000, {path} forced", random_k1000, path) for path in forced_paths]
+    arms = [("LoRA r=8", LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=SMOLLM2_TARGETS), "auto")]
+    arms += [
+        (f"spectral delta {layout} K=1000", SpectralConfig(n_coefficients=1000, layout=layout, target_modules=SMOLLM2_TARGETS), "auto")
+        for layout in layouts
+    ]
+    arms += [(f"spectral delta random K=1000, {path} forced", random_k1000, path) for path in forced_paths]
     batches = {t: torch.randint(0, 49152, (1, t), generator=generator).to(device) for t in token_counts}
     for name, config, path in arms:
         model = get_peft_model(smollm2_model(device, dtype), config)

@@ -50,6 +50,8 @@ def parse_args(argv=None):
                         help="model-suite groups")
     parser.add_argument("--smollm2-tokens", nargs="+", type=int, default=list(models.SMOLLM2_TOKENS))
     parser.add_argument("--smollm2-paths", nargs="*", default=[], help="also time spectral delta with these paths forced")
+    parser.add_argument("--smollm2-layouts", nargs="+", default=list(models.SMOLLM2_LAYOUTS),
+                        help="the spectral delta K=1000 layouts timed beside LoRA r=8")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default=None, help="file name stem (default: suite-device-dtype-time)")
@@ -123,7 +125,7 @@ def main(argv=None) -> dict:
     if args.suite in ("models", "all"):
         cases = models.build_model_cases(
             device, dtype, finetune_k=args.finetune_k, groups=tuple(args.models), smollm2_tokens=tuple(args.smollm2_tokens),
-            smollm2_paths=tuple(args.smollm2_paths),
+            smollm2_paths=tuple(args.smollm2_paths), smollm2_layouts=tuple(args.smollm2_layouts),
         )
         time_interleaved(cases, device, args.repeats, args.warmup, target_s=0.02 if device.type == "cuda" else 0.05)
         models.finish_model_cases(cases, device, memory=not args.no_memory)
