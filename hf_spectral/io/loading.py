@@ -404,6 +404,24 @@ def transaction(*models: nn.Module):
 # the load entry points (installed by _peft_registry.install_patches)
 
 
+HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")
+
+
+def hub_options(kwargs: dict) -> dict:
+    """The keyword arguments of a load that ``hf_hub_download`` takes too."""
+    return {key: kwargs[key] for key in HUB_OPTIONS if key in kwargs}
+
+
+def download_adapter(repo: str, subfolder: Optional[str], hub: dict) -> str:
+    """The local folder of a Hub adapter's weights and config, downloaded or found in the cache; hf_hub_download's
+    own errors pass through (``EntryNotFoundError`` for an adapter saved without safetensors)."""
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(repo, WEIGHTS_NAME, subfolder=subfolder, **hub)
+    hf_hub_download(repo, CONFIG_NAME, subfolder=subfolder, **hub)
+    return os.path.dirname(path)
+
+
 def local_folder(model_id, subfolder: Optional[str] = None) -> Optional[str]:
     """The adapter's folder when ``model_id`` (with ``subfolder``) is a local folder, else None. Never fetches."""
     if model_id is None:
@@ -425,16 +443,13 @@ def check_before_injection(model: nn.Module, config, adapter_name: str) -> None:
     if hub is None or hub["spectral"]:
         return
     hub["spectral"] = True
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    wanted = {k: v for k, v in hub["hub_kwargs"].items() if k in ("revision", "token", "cache_dir", "local_files_only")}
     try:
-        path = hf_hub_download(hub["repo"], WEIGHTS_NAME, subfolder=hub["subfolder"], **wanted)
-        hf_hub_download(hub["repo"], CONFIG_NAME, subfolder=hub["subfolder"], **wanted)
+        folder = download_adapter(hub["repo"], hub["subfolder"], hub_options(hub["hub_kwargs"]))
     except EntryNotFoundError:  # a pickled adapter: PEFT reads it and the checks during its load apply
         return
-    check_adapter(os.path.dirname(path), config, model, adapter_name)
+    check_adapter(folder, config, model, adapter_name)
 
 
 def _load(call, model_id, subfolder, hub_kwargs, given, model, adapter_name, partial, snapshot_of):

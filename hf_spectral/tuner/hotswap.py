@@ -31,7 +31,7 @@ from torch import nn
 
 from .._peft_registry import PEFT_KEY_PREFIX
 from ..io.adapter_files import COEFFICIENTS_SUFFIX, INDICES_SUFFIX
-from ..io.loading import AdapterLoadError, check_adapter, local_folder, read_config
+from ..io.loading import AdapterLoadError, check_adapter, download_adapter, hub_options, local_folder, read_config
 from ..transforms.coefficient_space import CoefficientSpace, make_space
 from ..transforms.index_codec import decode as decode_indices
 from .model import spectral_layers
@@ -47,10 +47,9 @@ def is_spectral_adapter(model_name_or_path, **kwargs) -> bool:
         from huggingface_hub import hf_hub_download
         from peft.utils import CONFIG_NAME
 
-        hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs}
         try:
             folder = os.path.dirname(hf_hub_download(str(model_name_or_path), CONFIG_NAME,
-                                                     subfolder=kwargs.get("subfolder"), **hub))
+                                                     subfolder=kwargs.get("subfolder"), **hub_options(kwargs)))
         except Exception:
             return False  # PEFT's function reports it
     try:
@@ -64,8 +63,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     """Swap the weights of the spectral adapter saved at ``model_name_or_path`` (a folder or a Hub id) into the
     model's adapter ``adapter_name``, in place; the name stays. ``kwargs``: ``subfolder``, ``revision``,
     ``token``, ``cache_dir``, ``local_files_only``, as PEFT takes them."""
-    hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs}
-    folder = local_folder(model_name_or_path, kwargs.get("subfolder")) or _fetch(model_name_or_path, kwargs.get("subfolder"), hub)
+    folder = local_folder(model_name_or_path, kwargs.get("subfolder")) or _fetch(model_name_or_path, kwargs.get("subfolder"), kwargs)
     config = read_config(folder)
     if config is None:
         raise ValueError(
@@ -76,19 +74,14 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     hotswap_adapter_from_state_dict(model, state_dict, adapter_name, config)
 
 
-def _fetch(model_id: str, subfolder: Optional[str], hub: dict) -> str:
+def _fetch(model_id: str, subfolder: Optional[str], kwargs: dict) -> str:
     """The folder of a Hub adapter's config and weights, downloaded (or found in the cache)."""
-    from huggingface_hub import hf_hub_download
-    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-
     try:
-        path = hf_hub_download(str(model_id), CONFIG_NAME, subfolder=subfolder, **hub)
-        hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub)
+        return download_adapter(str(model_id), subfolder, hub_options(kwargs))
     except Exception as error:
         raise ValueError(
             f"No adapter found at {model_id!r} ({error}): give a folder written by save_pretrained or a Hub id."
         ) from error
-    return os.path.dirname(path)
 
 
 def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict, adapter_name: str, config) -> None:
