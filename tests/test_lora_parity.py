@@ -152,6 +152,17 @@ def test_a_weighted_adapter_is_the_weighted_sum_of_the_updates():
     assert all(p.requires_grad == n.endswith(".w") for n, p in model.named_parameters() if "spectral_coefficients" in n)
 
 
+def test_grid_adapters_of_the_same_frequencies_combine():
+    model = get_peft_model(llama(), spectral(layout="grid"), adapter_name="one")
+    model.add_adapter("two", spectral(layout="grid", scaling=3.0))
+    model.add_weighted_adapter(["one", "two"], [2.0, 0.5], "w")
+    layers = [layer for layer in model.modules() if isinstance(layer, SpectralLayer)]
+    assert layers and all(layer.coefficient_space("w").grid is not None for layer in layers)
+    for layer in layers:
+        expected = 2.0 * layer.get_delta_weight("one") + 0.5 * layer.get_delta_weight("two")
+        torch.testing.assert_close(layer.get_delta_weight("w"), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_adapters_with_other_index_sets_are_refused_with_the_fields_and_the_way_out():
     model = get_peft_model(llama(), spectral(), adapter_name="one")
     model.add_adapter("two", spectral(seed=3))
@@ -159,6 +170,13 @@ def test_adapters_with_other_index_sets_are_refused_with_the_fields_and_the_way_
         model.add_weighted_adapter(["one", "two"], [1.0, 1.0], "w")
     assert "w" not in model.peft_config
     assert not any("w" in m.spectral_coefficients for m in model.modules() if isinstance(m, SpectralLayer))
+    model.add_adapter("grid", spectral(layout="grid"))
+    model.add_adapter("grid_other", spectral(layout="grid", seed=3))  # the same block size, other frequencies
+    with pytest.raises(ValueError, match=r"differ in \['seed'\]"):
+        model.add_weighted_adapter(["grid", "grid_other"], [1.0, 1.0], "w")
+    with pytest.raises(ValueError, match=r"differ in \['layout'\]"):
+        model.add_weighted_adapter(["one", "grid"], [1.0, 1.0], "w")
+    assert "w" not in model.peft_config
     with pytest.raises(ValueError, match="combination_type='svd' is not supported"):
         model.add_weighted_adapter(["one"], [1.0], "w", combination_type="svd")
     with pytest.raises(ValueError, match="one weight per adapter"):
