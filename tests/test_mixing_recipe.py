@@ -33,12 +33,58 @@ def test_data_is_nanogpt_split_of_tiny_shakespeare():
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pass --input"):
         load(str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match="dataset='ptb'"):
-        load(dataset="ptb")
+    with pytest.raises(ValueError, match="dataset='penn'"):
+        load(dataset="penn")
+    with pytest.raises(ValueError, match="bpe_vocab=100: give 257-65535"):
+        load(tokenizer="bpe", bpe_vocab=100)
+    with pytest.raises(ValueError, match="tokenizer=.*no_such_tokenizer.* is neither"):
+        load(tokenizer=str(tmp_path / "no_such_tokenizer"))
     with pytest.raises(ValueError, match=r"unknown settings \['n_layers'\]"):
         train.load_settings(SMOKE, "mixer", 0, ["n_layers=3"])
     with pytest.raises(ValueError, match="--arm 'lstm' is not in"):
         train.load_settings(SMOKE, "lstm", 0, [])
+
+
+def test_bpe_data_renumbers_a_tokenizer_trained_on_the_training_text(tmp_path):
+    chars = load()
+    assert chars.tokens_per_word == pytest.approx(len(chars.val) / len(chars.val_text.split()))
+    bpe = load(tokenizer="bpe", bpe_vocab=512)
+    assert bpe.unit == "bpe" and bpe.vocab_size <= 512
+    assert max(bpe.train.max(), bpe.val.max()) == bpe.vocab_size - 1  # renumbered: every id in use
+    # the ids spell the text back (byte-level tokens: "Ġ" is a space, "Ċ" a newline)
+    text = "".join(bpe.vocab[i] for i in bpe.train[:200]).replace("Ġ", " ").replace("Ċ", "\n")
+    assert chars.train_text.startswith(text) and len(text) > 300
+    assert 1.0 < bpe.tokens_per_word < chars.tokens_per_word  # a BPE token spans several characters
+    assert bpe.word_perplexity(1.0) == pytest.approx(math.exp(bpe.tokens_per_word))
+    with pytest.raises(AttributeError, match="read .vocab"):
+        bpe.chars
+
+
+def test_a_pretrained_tokenizer_from_a_local_folder(tmp_path):
+    from recipes.spectral_mixing.data import _train_bpe
+    from transformers import PreTrainedTokenizerFast
+
+    trained = _train_bpe(load().train_text, 400)
+    PreTrainedTokenizerFast(tokenizer_object=trained).save_pretrained(tmp_path)
+    from_folder = load(tokenizer=str(tmp_path))
+    bpe = load(tokenizer="bpe", bpe_vocab=400)  # the same tokenizer, trained here
+    assert from_folder.vocab == bpe.vocab and (from_folder.train == bpe.train).all()
+
+
+def test_hub_datasets_are_read_by_column_and_a_failed_load_says_what_to_do(monkeypatch):
+    import datasets
+
+    fake = {"train": {"sentence": ["a b c", "d e"]}, "validation": {"sentence": ["b a", "c"]}}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *name: fake)
+    ptb = load(dataset="ptb")
+    assert ptb.train_text == "a b c\nd e" and ptb.tokens_per_word == pytest.approx(5 / 3)
+
+    def offline(*name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="wikitext.*could not be loaded.*input=PATH"):
+        load(dataset="wikitext2")
 
 
 @pytest.mark.parametrize("arm", ["attention", "mixer", "mixer_spectral"])
@@ -54,6 +100,13 @@ def test_smoke_run_writes_its_record_and_follows_the_pinned_losses(tmp_path, arm
     seconds = [s for _, _, s in record["val_curve"]]
     assert 0 <= seconds[0] <= seconds[1] <= record["train_seconds"] + 0.1  # training time so far, rounded to 0.1 s
     assert record["best_val_loss"] == min(v for _, v, _ in record["val_curve"])
+    assert record["val_word_perplexity"] == pytest.approx(math.exp(record["val_loss"] * record["tokens_per_word"]), rel=1e-3)
+
+
+def test_a_bpe_run_records_its_unit_and_word_perplexity(tmp_path):
+    result = train.main([SMOKE, "--arm", "mixer", f"runs_dir={tmp_path}", "threads=1", "tokenizer=bpe", "bpe_vocab=300"])
+    assert result["unit"] == "bpe" and 65 < result["vocab_size"] <= 300  # the ids in use: more than the characters
+    assert math.isfinite(result["val_word_perplexity"]) and result["val_loss"] < math.log(result["vocab_size"]) + 0.5
 
 
 def test_compare_picks_each_arms_best_rate_and_reads_at_equal_tokens_and_time(tmp_path):

@@ -76,7 +76,9 @@ class Settings:
     eval_batches: int = 20          # fixed validation windows (same for every arm and seed)
     eval_batch_size: int = 16
     seed: int = 0
-    dataset: str = "shakespeare"    # or wikitext2 (the Hub dataset; needs internet)
+    dataset: str = "shakespeare"    # or wikitext2 / ptb (Hub datasets; need internet)
+    tokenizer: str = "char"         # char, bpe (trained on the training split), or a pretrained tokenizer's name/folder
+    bpe_vocab: int = 4096           # tokenizer=bpe: its vocabulary
     input: str | None = None        # a local text file instead of the kept tiny Shakespeare
     runs_dir: str = "runs/spectral_mixing"
     profile: str = "adhoc"
@@ -175,7 +177,7 @@ def trainable_and_stored(model) -> dict[str, int]:
 def run(s: Settings) -> dict:
     if s.threads:
         torch.set_num_threads(s.threads)
-    data = load(s.input, s.dataset)
+    data = load(s.input, s.dataset, s.tokenizer, s.bpe_vocab)
     model = build_model(s, data.vocab_size)
     counts = parameter_counts(model)
     counts.update(trainable_and_stored(model))
@@ -213,6 +215,10 @@ def run(s: Settings) -> dict:
         "val_curve": evals,
         "val_loss": evals[-1][1],
         "best_val_loss": min(v for _, v, _ in evals),
+        "unit": data.unit,
+        "vocab_size": data.vocab_size,
+        "tokens_per_word": round(data.tokens_per_word, 4),
+        "val_word_perplexity": round(data.word_perplexity(evals[-1][1]), 2),
         "train_seconds": round(wall, 1),
         "tokens": s.max_steps * s.batch_size * s.block_size,
         "tokens_per_second": round(s.max_steps * s.batch_size * s.block_size / wall, 1),
