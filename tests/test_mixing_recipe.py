@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,24 @@ def test_compare_picks_each_arms_best_rate_and_reads_at_equal_tokens_and_time(tm
     assert [(r["arm"], r["tokens"]) for r in tokens] == [("attention", 128), ("attention", 256), ("mixer", 128), ("mixer", 256)]
     timed = compare.equal_time(runs, table)
     assert timed[0]["train_seconds"] == timed[1]["train_seconds"] == min(attention["train_seconds"], mixer["train_seconds"])
+
+
+def _record(arm, lr, seed, loss):
+    return {"settings": {"block_size": 32, "arm": arm, "learning_rate": lr, "seed": seed}, "val_loss": loss,
+            "best_val_loss": loss, "val_curve": [[128, loss, 1.0]], "parameters": {"total": 10, "mixing": 5},
+            "n_atoms": None, "tokens": 128, "tokens_per_second": 1.0, "train_seconds": 1.0}
+
+
+def test_the_rate_is_chosen_on_the_first_seed_and_seeds_are_paired():
+    runs = [_record("attention", 1e-3, 0, 2.0), _record("attention", 1e-3, 1, 2.2), _record("attention", 1e-3, 2, 2.4),
+            _record("attention", 4e-3, 0, 2.1),  # worse on seed 0, better than the 3-seed mean: not chosen
+            _record("mixer", 1e-3, 0, 1.9), _record("mixer", 1e-3, 1, 2.3), _record("mixer", 1e-3, 2, 2.3)]
+    table = compare.rows(runs)
+    assert [r["learning_rate"] for r in table if r["best_lr"]] == [1e-3, 1e-3]
+    (pair,) = compare.paired(runs, table)
+    assert pair["seeds"] == 3 and pair["mean"] == pytest.approx((-0.1 + 0.1 - 0.1) / 3)
+    assert pair["std"] == pytest.approx(statistics.stdev([-0.1, 0.1, -0.1]))
+    assert "| 32 | mixer | 3 | -0.033 |" in compare.paired_markdown([pair])
 
 
 def test_interpolation_along_the_validation_curve_in_seconds():

@@ -58,12 +58,16 @@ def rows(runs: list[dict]) -> list[dict]:
             "val_min": min(losses),
             "val_max": max(losses),
             "best_val_loss": statistics.mean(_best_val(r) for r in group),
+            # the rate is chosen on the first seed alone, as the sweep ran it (other seeds run at the chosen rate only)
+            "selection_loss": _best_val(min(group, key=lambda r: r["settings"]["seed"])),
+            "word_perplexity": statistics.mean(r["val_word_perplexity"] for r in group)
+            if all("val_word_perplexity" in r for r in group) else None,
             "tokens_per_second": statistics.mean(r["tokens_per_second"] for r in group),
             "train_seconds": statistics.mean(r["train_seconds"] for r in group),
         })
     for row in table:
         peers = [r for r in table if r["context"] == row["context"] and r["arm"] == row["arm"]]
-        row["best_lr"] = row is min(peers, key=lambda r: r["best_val_loss"])
+        row["best_lr"] = row is min(peers, key=lambda r: r["selection_loss"])
     for row in table:
         base = [r for r in table if r["context"] == row["context"] and r["arm"] == "attention" and r["best_lr"]]
         row["vs_attention"] = row["val_loss"] - base[0]["val_loss"] if base else None
@@ -72,8 +76,8 @@ def rows(runs: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| context | arm | K | lr | params (mixing) | tokens | final val | best val | vs attention (its best lr) | train tokens/s | train time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| context | arm | K | lr | params (mixing) | tokens | final val | best val | vs attention (its best lr) | word ppl | train tokens/s | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         loss = f"{r['val_loss']:.3f}" + (f" ({r['val_min']:.3f}-{r['val_max']:.3f}, {r['seeds']} seeds)" if r["seeds"] > 1 else "")
@@ -82,7 +86,8 @@ def markdown(table: list[dict]) -> str:
         lines.append(
             f"| {r['context']:,} | {r['arm']} | {r['n_atoms'] or ''} | {r['learning_rate']:g}{mark} | "
             f"{r['parameters']:,} ({r['mixing_parameters']:,}) | {r['tokens']:,} | {loss} | {r['best_val_loss']:.3f} | "
-            f"{diff} | {r['tokens_per_second']:,.0f} | {r['train_seconds']:.0f} s |"
+            f"{diff} | {'' if r['word_perplexity'] is None else format(r['word_perplexity'], '.1f')} | "
+            f"{r['tokens_per_second']:,.0f} | {r['train_seconds']:.0f} s |"
         )
     return "\n".join(lines)
 
@@ -110,6 +115,30 @@ def equal_tokens(runs: list[dict], table: list[dict]) -> list[dict]:
         base = [r for r in out if r["context"] == row["context"] and r["tokens"] == row["tokens"] and r["arm"] == "attention"]
         row["vs_attention"] = row["val_loss"] - base[0]["val_loss"] if base else None
     return out
+
+
+def paired(runs: list[dict], table: list[dict]) -> list[dict]:
+    """Each arm against attention seed by seed, both at their best rates: the mean and spread of the differences
+    in final validation loss over the seeds both have (the comparison a seed-to-seed spread cannot blur)."""
+    chosen = _best_runs(runs, table)
+    out = []
+    for (context, arm), group in sorted(chosen.items(), key=lambda kv: (kv[0][0], ORDER.get(kv[0][1], 9))):
+        base = {r["settings"]["seed"]: r["val_loss"] for r in chosen.get((context, "attention"), [])}
+        diffs = [r["val_loss"] - base[r["settings"]["seed"]] for r in group if r["settings"]["seed"] in base]
+        if arm == "attention" or not diffs:
+            continue
+        out.append({"context": context, "arm": arm, "seeds": len(diffs), "mean": statistics.mean(diffs),
+                    "std": statistics.stdev(diffs) if len(diffs) > 1 else None, "max": max(diffs), "min": min(diffs)})
+    return out
+
+
+def paired_markdown(rows_: list[dict]) -> str:
+    lines = ["| context | arm | seeds | mixer - attention, mean | std | range |", "|---|---|---|---|---|---|"]
+    for r in rows_:
+        std = "" if r["std"] is None else f"{r['std']:.3f}"
+        lines.append(f"| {r['context']:,} | {r['arm']} | {r['seeds']} | {r['mean']:+.3f} | {std} | "
+                     f"{r['min']:+.3f} to {r['max']:+.3f} |")
+    return "\n".join(lines)
 
 
 def interpolate(curve: list[list[float]], seconds: float) -> float | None:
@@ -185,8 +214,11 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     runs = collect(args.folders)
     table = rows(runs)
-    tokens, time = equal_tokens(runs, table), equal_time(runs, table)
+    tokens, time, pairs = equal_tokens(runs, table), equal_time(runs, table), paired(runs, table)
     print(markdown(table))
+    if pairs:
+        print("\nPaired over seeds (final validation loss, each arm at its best learning rate):\n")
+        print(paired_markdown(pairs))
     print("\nEqual tokens (each arm at its best learning rate):\n")
     print(reading_markdown(tokens, "tokens", "tokens"))
     print("\nEqual wall-clock (training time of the arm that finished first):\n")
@@ -194,7 +226,8 @@ def main(argv=None) -> list[dict]:
     if args.plot:
         plot(runs, Path(args.plot))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": table, "equal_tokens": tokens, "equal_time": time, "runs": runs}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": table, "paired": pairs, "equal_tokens": tokens, "equal_time": time, "runs": runs},
+                                              indent=1))
     return table
 
 
