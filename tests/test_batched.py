@@ -28,10 +28,10 @@ def test_group_maps_equal_the_per_space_maps(layout, basis, method):
     values = [torch.randn(space.k, dtype=torch.float64, generator=generator) for space in spaces]
     batched = group_to_matrix(spaces, values, method)
     assert batched.shape == (3, 24, 40)
-    for space, v, w in zip(spaces, values, batched):
+    for space, v, w in zip(spaces, values, batched, strict=True):
         torch.testing.assert_close(w, space.to_matrix(v, method), rtol=0, atol=1e-12)
     matrices = torch.randn(3, 24, 40, dtype=torch.float64, generator=generator)
-    for space, c, w in zip(spaces, group_from_matrix(spaces, matrices, method), matrices):
+    for space, c, w in zip(spaces, group_from_matrix(spaces, matrices, method), matrices, strict=True):
         torch.testing.assert_close(c, space.from_matrix(w, method), rtol=0, atol=1e-12)
 
 
@@ -97,7 +97,7 @@ def test_batched_spectral_adamw_equals_the_step_of_each_layer(layout, moments):
                             settings["eps"], settings["weight_decay"], moments)
             with torch.no_grad():
                 p.copy_(reference[p])  # the next gradient is taken at the reference point, so errors cannot pile up
-    for p, projector in projectors.items():
+    for p in projectors:
         torch.testing.assert_close(p.detach(), reference[p], rtol=0, atol=1e-12)
 
 
@@ -113,7 +113,7 @@ def test_plain_adamw_part_equals_torch_adamw():
                 p.grad = torch.full_like(p, float(step + i + 1)).sin()
         ours.step()
         theirs.step()
-    for p, q in zip(params, twins):
+    for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
 
 

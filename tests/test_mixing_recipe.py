@@ -58,12 +58,13 @@ def test_bpe_data_renumbers_a_tokenizer_trained_on_the_training_text(tmp_path):
     assert 1.0 < bpe.tokens_per_word < chars.tokens_per_word  # a BPE token spans several characters
     assert bpe.word_perplexity(1.0) == pytest.approx(math.exp(bpe.tokens_per_word))
     with pytest.raises(AttributeError, match="read .vocab"):
-        bpe.chars
+        _ = bpe.chars
 
 
 def test_a_pretrained_tokenizer_from_a_local_folder(tmp_path):
-    from recipes.spectral_mixing.data import _train_bpe
     from transformers import PreTrainedTokenizerFast
+
+    from recipes.spectral_mixing.data import _train_bpe
 
     trained = _train_bpe(load().train_text, 400)
     PreTrainedTokenizerFast(tokenizer_object=trained).save_pretrained(tmp_path)

@@ -59,7 +59,9 @@ def test_obs_sparsify_keeps_k_and_beats_plain_selection_on_the_output_error():
     top = torch.topk(w.abs().flatten(), keep).indices
     plain[top] = w.flatten()[top]
     plain = plain.view_as(w)
-    error = lambda v: float(torch.linalg.norm(x @ (w - v).T))
+    def error(v):
+        return float(torch.linalg.norm(x @ (w - v).T))
+
     assert error(fitted) < 0.9 * error(plain)  # 0.78 measured
 
 
@@ -70,7 +72,9 @@ def test_whitened_svd_beats_plain_svd_on_the_output_error():
     b, a = M.whitened_svd(w, x.T @ x, 5, damp=1e-8)
     u, s, vh = torch.linalg.svd(w)
     plain = u[:, :5] * s[:5] @ vh[:5]
-    error = lambda v: float(torch.linalg.norm(x @ (w - v).T))
+    def error(v):
+        return float(torch.linalg.norm(x @ (w - v).T))
+
     assert error(b @ a) < error(plain)
 
 
@@ -92,7 +96,7 @@ def test_each_method_stores_its_budget_and_counts_bytes_from_the_tensors(tiny, m
     fresh, ids, grams = tiny
     fraction = 0.5
     model, storage = M.compress(fresh(), method, fraction, grams)
-    shapes = [(l.out_features, l.in_features) for l in M.target_linears(fresh()).values()]
+    shapes = [(layer.out_features, layer.in_features) for layer in M.target_linears(fresh()).values()]
     assert storage["layers"] == len(shapes) == 14
     assert storage["dense_numbers"] == sum(m * n for m, n in shapes)
     if method.kind in ("svd", "svd_act"):
@@ -157,7 +161,7 @@ def test_training_batches_alternate_texts_and_depend_on_the_seed():
     batches = training_batches(train, 2, 4, seed=0)
     assert [int(r[0]) for r in batches[0]] == [0, 1, 0, 1]
     ranged = {"a": torch.arange(40).view(10, 4), "b": torch.arange(40).view(10, 4) + 100}
-    assert not all(torch.equal(x, y) for x, y in zip(training_batches(ranged, 3, 2, 0), training_batches(ranged, 3, 2, 1)))
+    assert not all(torch.equal(x, y) for x, y in zip(training_batches(ranged, 3, 2, 0), training_batches(ranged, 3, 2, 1), strict=True))
 
 
 def test_evenly_spaced_takes_first_and_last():

@@ -272,7 +272,7 @@ def _prune(model: nn.Module, fraction: float, grams: Optional[dict]) -> list[dic
 
 def dense_bytes(model: nn.Module) -> dict:
     """Bytes of the dense model's parameters (tied ones once) and of its targeted layers' weights."""
-    targeted = sum(l.weight.numel() * l.weight.element_size() for l in target_linears(model).values())
+    targeted = sum(layer.weight.numel() * layer.weight.element_size() for layer in target_linears(model).values())
     return dict(model=_parameter_bytes(model), targeted=targeted)
 
 
@@ -301,19 +301,19 @@ def spectral_storage(model: nn.Module, layout: str) -> list[dict]:
 
 def storage_record(model: nn.Module, layers: list[dict], dense: dict) -> dict:
     """Totals: targeted layers compressed, everything else (embeddings, norms) counted dense."""
-    compressed = sum(l["bytes"] for l in layers)
+    compressed = sum(layer["bytes"] for layer in layers)
     rest = dense["model"] - dense["targeted"]
-    kinds = sorted({l["index"] for l in layers})
+    kinds = sorted({layer["index"] for layer in layers})
     return dict(
         layers=len(layers),
-        stored_numbers=sum(l["stored"] for l in layers),
-        dense_numbers=sum(l["m"] * l["n"] for l in layers),
+        stored_numbers=sum(layer["stored"] for layer in layers),
+        dense_numbers=sum(layer["m"] * layer["n"] for layer in layers),
         targeted_bytes=compressed,
         dense_targeted_bytes=dense["targeted"],
         model_bytes=compressed + rest,
         dense_model_bytes=dense["model"],
         index=",".join(kinds),
-        ranks=sorted({l["rank"] for l in layers if "rank" in l}) or None,
+        ranks=sorted({layer["rank"] for layer in layers if "rank" in layer}) or None,
     )
 
 

@@ -143,7 +143,7 @@ class Recipe:
         tensors = {}
         for kind, items in (("parameters", model.named_parameters()), ("buffers", model.named_buffers())):
             seen = set()
-            for n, t in items:
+            for _, t in items:
                 if t.data_ptr() in seen:
                     continue
                 seen.add(t.data_ptr())

@@ -115,7 +115,7 @@ def run_child(kind: str, arm: str, sizes: list[int], threads: int) -> dict:
 def slope(xs, ys) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
 
 
 def crossover(lengths, attention, mixer) -> float | None:
@@ -178,14 +178,14 @@ def plot(results: dict, path: Path) -> None:
 
     lengths, contexts = results["lengths"], results["contexts"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for arm, style in zip(ARMS, ("o-", "s-")):
+    for arm, style in zip(ARMS, ("o-", "s-"), strict=True):
         train = results["train"][arm]
         axes[0].plot(lengths, [t / statistics.median(train[str(t)]["seconds"]) for t in lengths], style, label=arm)
         axes[1].plot(lengths, [max(train[str(t)]["peak_mib"], 1e-1) for t in lengths], style, label=arm)
         decode = results["decode"][arm]
         axes[2].plot(contexts, [1 / statistics.median(decode[str(c)]["step_seconds"]) for c in contexts], style, label=arm)
     titles = ("fwd+bwd tokens/s (batch 1)", "peak memory above the model (MiB)", "decoding tokens/s")
-    for ax, title, xlabel in zip(axes, titles, ("sequence length T", "sequence length T", "context length")):
+    for ax, title, xlabel in zip(axes, titles, ("sequence length T", "sequence length T", "context length"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(title)
