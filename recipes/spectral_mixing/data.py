@@ -97,14 +97,6 @@ def _words(text: str) -> int:
     return max(1, len(text.split()))
 
 
-def _char_data(train_text: str, val_text: str, source: str) -> TextData:
-    chars = sorted(set(train_text) | set(val_text))
-    lookup = {c: i for i, c in enumerate(chars)}
-    encode = lambda text: np.array([lookup[c] for c in text], dtype=np.uint16)  # noqa: E731
-    return TextData(encode(train_text), encode(val_text), chars, source, "char", len(val_text) / _words(val_text),
-                    train_text, val_text)
-
-
 def _train_bpe(text: str, vocab_size: int):
     """A byte-level BPE trained on ``text`` alone (no pretrained vocabulary: the benchmark stays offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -118,31 +110,40 @@ def _train_bpe(text: str, vocab_size: int):
     return tokenizer
 
 
-def _token_data(train_text: str, val_text: str, source: str, tokenizer: str, bpe_vocab: int) -> TextData:
+def _encoder(tokenizer: str, train_text: str, bpe_vocab: int):
+    """``(encode, name_of)`` of a unit: text -> ids, and id -> what it stands for."""
+    if tokenizer == "char":  # ids are code points; renumbered they give the sorted distinct characters
+
+        def encode(text: str) -> np.ndarray:
+            return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+        return encode, chr
     if tokenizer == "bpe":
         if not 256 < bpe_vocab < 65_536:
             raise ValueError(f"bpe_vocab={bpe_vocab}: give 257-65535 tokens (the 256 bytes and merges), e.g. 4096")
         trained = _train_bpe(train_text, bpe_vocab)
-        encode, name_of = (lambda text: trained.encode(text).ids), trained.id_to_token
-    else:
-        from transformers import AutoTokenizer
+        return (lambda text: trained.encode(text).ids), trained.id_to_token
+    from transformers import AutoTokenizer
 
-        try:
-            pretrained = AutoTokenizer.from_pretrained(tokenizer)
-        except Exception as error:
-            raise ValueError(
-                f"tokenizer={tokenizer!r} is neither 'char', 'bpe' nor a tokenizer that loads ({error}): give a Hub "
-                "name or a local folder with tokenizer files."
-            ) from error
-        encode = lambda text: pretrained(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        name_of = pretrained.convert_ids_to_tokens
+    try:
+        pretrained = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as error:
+        raise ValueError(
+            f"tokenizer={tokenizer!r} is neither 'char', 'bpe' nor a tokenizer that loads ({error}): give a Hub "
+            "name or a local folder with tokenizer files."
+        ) from error
+    return (lambda text: pretrained(text, add_special_tokens=False)["input_ids"]), pretrained.convert_ids_to_tokens
+
+
+def _text_data(train_text: str, val_text: str, source: str, tokenizer: str, bpe_vocab: int) -> TextData:
+    encode, name_of = _encoder(tokenizer, train_text, bpe_vocab)
     train_ids, val_ids = np.asarray(encode(train_text), np.int64), np.asarray(encode(val_text), np.int64)
-    used = np.union1d(train_ids, val_ids)  # renumbered 0..V-1: no embedding rows for tokens that never occur
+    used = np.union1d(train_ids, val_ids)  # renumbered 0..V-1: no embedding rows for ids that never occur
     if len(used) >= 65_536:
         raise ValueError(f"{len(used)} distinct tokens do not fit uint16 ids: use tokenizer='bpe' with a smaller bpe_vocab")
-    renumber = lambda ids: np.searchsorted(used, ids).astype(np.uint16)  # noqa: E731
-    return TextData(renumber(train_ids), renumber(val_ids), [name_of(int(i)) for i in used], source, tokenizer,
-                    len(val_ids) / _words(val_text), train_text, val_text)
+    train, val = (np.searchsorted(used, ids).astype(np.uint16) for ids in (train_ids, val_ids))
+    return TextData(train, val, [name_of(int(i)) for i in used], source, tokenizer, len(val_ids) / _words(val_text),
+                    train_text, val_text)
 
 
 def load(input_path: str | None = None, dataset: str = "shakespeare", tokenizer: str = "char",
@@ -161,6 +162,4 @@ def load(input_path: str | None = None, dataset: str = "shakespeare", tokenizer:
         text, source = read_text(input_path)  # --input, else the shared copy, else the one shipped with the char recipe
         split = int(TRAIN_SHARE * len(text))
         train_text, val_text = text[:split], text[split:]
-    if tokenizer == "char":
-        return _char_data(train_text, val_text, source)
-    return _token_data(train_text, val_text, source, tokenizer, bpe_vocab)
+    return _text_data(train_text, val_text, source, tokenizer, bpe_vocab)
