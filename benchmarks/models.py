@@ -9,8 +9,9 @@
   matched trainable parameters.
 - A SmolLM2-135M-shaped Llama (HuggingFaceTB/SmolLM2-135M's config: 30 blocks of 576 dims, 9 heads, 3
   key-value heads, MLP 1536, vocabulary 49152, tied head; random weights), all 7 projections of every
-  block: spectral delta K = 1000 (``random``, ``lowfreq`` and ``grid``) against LoRA r = 8, one sequence of 128,
-  512 and 2,048 tokens a step.
+  block: spectral delta K = 1000 (``random``, ``lowfreq``, ``grid`` and ``sparse_grid``; ``sparse_grid@128`` sets its
+  ``grid_rank``) against LoRA r = 8 (and LoRA at other ranks: ``lora@32``), one sequence of 128, 512 and 2,048
+  tokens a step.
 
 Token ids are random: the time of a step does not depend on the text.
 """
@@ -29,7 +30,7 @@ from .layers import matched_lora_rank
 
 MODEL_GROUPS = ("char", "finetune", "smollm2")
 SMOLLM2_TOKENS = (128, 512, 2048)
-SMOLLM2_LAYOUTS = ("random", "lowfreq", "grid")  # spectral delta K = 1000 arms, beside LoRA r=8
+SMOLLM2_LAYOUTS = ("random", "lowfreq", "grid", "sparse_grid")  # spectral delta K = 1000 arms, beside LoRA r=8
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -121,10 +122,15 @@ def _smollm2_cases(device, dtype, generator, token_counts, forced_paths=(), layo
     cases = []
     random_k1000 = SpectralConfig(n_coefficients=1000, layout="random", target_modules=SMOLLM2_TARGETS)
     arms = [("LoRA r=8", LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=SMOLLM2_TARGETS), "auto")]
-    arms += [
-        (f"spectral delta {layout} K=1000", SpectralConfig(n_coefficients=1000, layout=layout, target_modules=SMOLLM2_TARGETS), "auto")
-        for layout in layouts
-    ]
+    for spec in layouts:  # "layout", "sparse_grid@<grid_rank>" or "lora@<rank>"
+        layout, _, rank = spec.partition("@")
+        if layout == "lora":
+            config = LoraConfig(r=int(rank), lora_alpha=16, lora_dropout=0.0, target_modules=SMOLLM2_TARGETS)
+            arms.append((f"LoRA r={rank}", config, "auto"))
+            continue
+        extra = {"grid_rank": int(rank)} if rank else {}
+        config = SpectralConfig(n_coefficients=1000, layout=layout, target_modules=SMOLLM2_TARGETS, **extra)
+        arms.append((f"spectral delta {spec} K=1000", config, "auto"))
     arms += [(f"spectral delta random K=1000, {path} forced", random_k1000, path) for path in forced_paths]
     batches = {t: torch.randint(0, 49152, (1, t), generator=generator).to(device) for t in token_counts}
     for name, config, path in arms:

@@ -51,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--smollm2-tokens", nargs="+", type=int, default=list(models.SMOLLM2_TOKENS))
     parser.add_argument("--smollm2-paths", nargs="*", default=[], help="also time spectral delta with these paths forced")
     parser.add_argument("--smollm2-layouts", nargs="+", default=list(models.SMOLLM2_LAYOUTS),
-                        help="the spectral delta K=1000 layouts timed beside LoRA r=8")
+                        help="the spectral delta K=1000 layouts timed beside LoRA r=8 (sparse_grid@128 sets its "
+                        "grid_rank; lora@32 adds LoRA at that rank)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default=None, help="file name stem (default: suite-device-dtype-time)")

@@ -27,7 +27,7 @@ def _layer(mode, layout, basis="dct", conv=False, bias=True, dtype=torch.float64
     budget = {"n_coefficients": 90} if mode == "delta" else {"coefficient_fraction": 0.25}
     config = SpectralConfig(
         mode=mode, layout=layout, basis=basis, init_weights=False if mode == "delta" else "random", scaling=3.0,
-        fan_in_fan_out=conv, **budget,
+        fan_in_fan_out=conv, grid_rank=15, **budget,  # grid_rank: a sparse grid on 15 of the 21 rows and 34 columns
     )
     layer = SpectralLinear(base, "default", config, "layer", from_pretrained=False)
     if mode == "replace":
@@ -92,7 +92,8 @@ def test_every_path_gives_the_reference_outputs_and_gradients(mode, layout, basi
     upstream = torch.randn(*TOKENS, M, dtype=torch.float64)
     expected, expected_grads = _outputs_and_grads(lambda t: _reference(layer, t), layer, x, upstream)
     paths = dispatch.available_paths(layer.coefficient_space("default"), mode)
-    # a grid's frequencies are not the first of an FFT's: it runs its block by matmuls only
+    # a grid's frequencies are not the first of an FFT's: it runs its block by matmuls only (a sparse grid's
+    # scattered positions take every path)
     assert ("factored" in paths) == (layout != "random") and ("spectral" in paths) == (basis == "dct" and layout != "grid")
     for transform in ("matmul", "fft"):
         for path in paths:
@@ -106,7 +107,10 @@ def test_every_path_gives_the_reference_outputs_and_gradients(mode, layout, basi
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{where}: gradient of {name}")
 
 
-@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("delta", "grid"), ("replace", "random"), ("replace", "lowfreq")])
+@pytest.mark.parametrize(
+    "mode,layout",
+    [("delta", "random"), ("delta", "lowfreq"), ("delta", "grid"), ("delta", "sparse_grid"), ("replace", "random"), ("replace", "lowfreq")],
+)
 def test_paths_in_float32_and_under_bf16_autocast(mode, layout):
     layer = _layer(mode, layout, dtype=torch.float32)
     x = torch.randn(*TOKENS, N)
@@ -124,9 +128,10 @@ def test_paths_in_float32_and_under_bf16_autocast(mode, layout):
 
 
 def test_a_path_that_does_not_fit_the_layer_is_a_clear_error():
-    delta, replace = _layer("delta", "random"), _layer("replace", "lowfreq")
+    delta, grid, replace = _layer("delta", "random"), _layer("delta", "grid"), _layer("replace", "lowfreq")
     for layer, path, message in [
         (delta, "factored", "not available.*scattered positions"),
+        (grid, "spectral", "not available.*block"),
         (delta, "fastest", "compute_path must be one of"),
         (replace, "separate", "not available"),
     ]:
@@ -154,7 +159,10 @@ def _big_saved_tensors(layer, x):
     return saved
 
 
-@pytest.mark.parametrize("mode,layout", [("delta", "random"), ("delta", "lowfreq"), ("delta", "grid"), ("replace", "random"), ("replace", "lowfreq")])
+@pytest.mark.parametrize(
+    "mode,layout",
+    [("delta", "random"), ("delta", "lowfreq"), ("delta", "grid"), ("delta", "sparse_grid"), ("replace", "random"), ("replace", "lowfreq")],
+)
 def test_no_path_keeps_more_than_one_dense_buffer_for_backward(mode, layout):
     layer = _layer(mode, layout)
     x = torch.randn(*TOKENS, N, dtype=torch.float64, requires_grad=True)

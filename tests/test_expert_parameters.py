@@ -65,7 +65,7 @@ def explicit_model(name: str, peft_model):
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
-@pytest.mark.parametrize("layout", ["random", "lowfreq", "grid"])
+@pytest.mark.parametrize("layout", ["random", "lowfreq", "grid", "sparse_grid"])
 def test_forward_is_the_model_with_each_expert_updated(name, layout):
     model = build(name, layout)
     wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]

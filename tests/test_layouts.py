@@ -16,7 +16,7 @@ def test_every_layout_gives_distinct_sorted_in_range_indices(layout, shape):
     m, n = shape
     coefficients = torch.randn(m, n)
     for k in {1, max(1, m * n // 3), m * n}:
-        indices = layouts.select_indices(layout, m, n, k, seed=1, coefficients=coefficients)
+        indices = layouts.select_indices(layout, m, n, k, seed=1, coefficients=coefficients, grid_rank=max(m, n))
         layouts.validate_indices(indices, m, n)
         assert indices.dtype == torch.int64
         assert torch.all(indices[1:] > indices[:-1])
@@ -172,3 +172,56 @@ def test_grid_matrix_is_the_inverse_transform_of_the_coefficients_at_the_grid(ba
         torch.testing.assert_close(expected, torch.from_numpy(scipy.fft.idctn(full.numpy(), norm="ortho")))
     torch.testing.assert_close(space.to_matrix(values), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(space.from_matrix(expected), values, rtol=0, atol=1e-12)
+
+
+# -- sparse grid: K random cells of r random frequency rows x r random columns ----------------------------
+
+
+@pytest.mark.parametrize("m, n, k, rank", [(576, 576, 1000, 64), (1536, 576, 1000, 128), (7, 13, 40, 7), (40, 24, 100, 12)])
+def test_sparse_grid_puts_k_positions_on_r_rows_and_r_columns_spread_over_the_spectrum(m, n, k, rank):
+    indices = layouts.select_indices("sparse_grid", m, n, k, seed=0, grid_rank=rank)
+    layouts.validate_indices(indices, m, n)
+    assert indices.numel() == k and torch.all(indices[1:] > indices[:-1])
+    rows, cols = layouts.sparse_grid_frequencies(m, n, seed=0, rank=rank)
+    assert (len(rows), len(cols)) == (min(rank, m), min(rank, n))
+    assert set((indices // n).tolist()) <= set(rows) and set((indices % n).tolist()) <= set(cols)
+    if len(rows) < m // 2:  # not a corner: frequencies from the upper half are among them
+        assert rows[-1] >= m // 2 and cols[-1] >= n // 2 or len(cols) == n
+    assert not torch.equal(layouts.select_indices("sparse_grid", m, n, k, seed=1, grid_rank=rank), indices)
+
+
+def test_sparse_grid_positions_are_pinned():
+    # recomputed from the seed when an adapter is loaded: a change here would change saved adapters
+    assert layouts.sparse_grid_frequencies(40, 24, seed=3, rank=5) == ((2, 8, 9, 15, 27), (5, 8, 12, 13, 22))
+    assert layouts.sparse_grid_indices(40, 24, 6, seed=3, rank=5).tolist() == [53, 61, 224, 228, 229, 670]
+
+
+def test_sparse_grid_budget_over_its_cells_is_an_error_that_names_the_fix():
+    with pytest.raises(ValueError, match=r"grid_rank=8 has 8 x 8 = 64 cells .* budget of 100 .* at least 10"):
+        layouts.select_indices("sparse_grid", 40, 24, 100, grid_rank=8)
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True, "64"])
+def test_a_bad_grid_rank_is_an_error_that_names_the_value(rank):
+    from hf_spectral import SpectralConfig
+
+    with pytest.raises(ValueError, match=f"grid_rank={rank!r} must be a positive integer"):
+        SpectralConfig(n_coefficients=10, layout="sparse_grid", grid_rank=rank)
+
+
+def test_a_sparse_grid_space_runs_the_factored_path_on_its_rows_and_columns():
+    from hf_spectral.compute import cost_model
+    from hf_spectral.transforms.coefficient_space import make_space
+
+    space = make_space(576, 576, 1000, layout="sparse_grid", seed=0, grid_rank=64)
+    assert space.factorable and space.fft_ok and space.support_shape() == (64, 64)
+    values = torch.randn(space.k, dtype=torch.float64)
+    rows, cols = (torch.tensor(chosen) for chosen in space.grid)
+    coefficients = space.all_coefficients(space.to_matrix(values))  # the m x n coefficients of the weight
+    block = space.support_block(values)
+    torch.testing.assert_close(coefficients[rows[:, None], cols[None, :]], block)
+    coefficients[rows[:, None], cols[None, :]] = 0.0
+    assert coefficients.abs().max() < 1e-12  # and none off it
+    # at LoRA-like ranks the factored path is the cheapest, at every token count
+    for tokens in (128, 512, 2048):
+        assert cost_model.choose_path(space, "delta", tokens, "cpu", coefficient_grad=True, input_grad=True) == "factored"

@@ -131,7 +131,7 @@ def test_a_second_adapter_that_fails_leaves_the_first_as_it_was(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [("seed", 5), ("layout", "triangle"), ("n_coefficients", 30), ("scaling", 3.0), ("basis", "random_orthonormal"),
-     ("mode", "replace")],
+     ("mode", "replace"), ("grid_rank", 32)],
 )
 def test_an_edited_config_field_is_refused_and_named(tmp_path, base, field, value):
     folder, _ = save(tmp_path)

@@ -14,7 +14,7 @@ import sys
 
 from .common import CLIError, count, fraction, load_model, positive_int, size_in_bytes, table
 
-LAYOUTS = ("lowfreq", "grid", "triangle", "random", "energy", "banded")  # hf_spectral.layouts.LAYOUTS (tested equal)
+LAYOUTS = ("lowfreq", "grid", "sparse_grid", "triangle", "random", "energy", "banded")  # hf_spectral.layouts.LAYOUTS (tested equal)
 WEIGHTS_FILE = "adapter_model.safetensors"  # hf_spectral.ecosystem.adapter_files.WEIGHTS_NAME (tested equal)
 
 

@@ -8,8 +8,8 @@ The model only ranks paths: every path is exact, so a wrong ranking costs time, 
 ``auto`` takes its cheapest path unless ``tune_compute_paths`` measured one (``autotune.py``, which uses it
 to prune the candidates it times).
 
-A space passed in here needs only ``m``, ``n``, ``k``, ``block`` and ``fft_ok`` (a
-``coefficient_space.CoefficientSpace``); this module imports nothing of the package.
+A space passed in here needs only ``m``, ``n``, ``k``, ``block``, ``fft_ok``, ``factorable`` and
+``support_shape()`` (a ``coefficient_space.CoefficientSpace``); this module imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -154,24 +154,22 @@ def estimate_costs(
     # separate: W0 x and dW x as two products (and dW's gradient as a dense product)
     if mode == "delta":
         out["separate"] = weight + base + dense_mm * (1 + input_grad) + (dense_mm + weight if coefficient_grad else 0.0)
-    if space.block is not None:
+    if space.factorable:
+        out["factored"] = _factored_cost(space, costs, mode, t, h, base, coefficient_grad, input_grad)
+    if space.block is not None and space.fft_ok:  # a top-left block in the activation domain, by FFTs
         p, q = space.block
-        for path, method in (("factored", "matmul"), ("spectral", "fft")):
-            if method == "fft" and not space.fft_ok:
-                continue
-            mm = h if method == "matmul" else 1.0  # factored runs in the activations' dtype, spectral in float32
-            t_in = transform_cost(costs, t, n, q, method, mm)  # x to its first q input coefficients
-            t_out = transform_cost(costs, t, m, p, method, mm)  # p output coefficients back to length m
-            small = 2.0 * t * p * q * mm + launch  # the p x q product in coefficient space
-            cost = base + t_in + small + t_out + 2 * _OPS_FUNCTION * launch
-            if backward:
-                cost += t_out  # the output gradient into coefficient space
-            if coefficient_grad:
-                cost += small
-            if input_grad:
-                cost += small + t_in
-            out[path] = cost
-    elif space.fft_ok:
+        t_in = transform_cost(costs, t, n, q, "fft")  # x to its first q input coefficients
+        t_out = transform_cost(costs, t, m, p, "fft")  # p output coefficients back to length m
+        small = 2.0 * t * p * q + launch  # the p x q product in coefficient space
+        cost = base + t_in + small + t_out + 2 * _OPS_FUNCTION * launch
+        if backward:
+            cost += t_out  # the output gradient into coefficient space
+        if coefficient_grad:
+            cost += small
+        if input_grad:
+            cost += small + t_in
+        out["spectral"] = cost
+    elif space.block is None and space.fft_ok:
         # one fused function (functions.ScatteredSpectral): the transforms write the layout the sparse products
         # read, and the frozen product is accumulated onto the update (no separate sum)
         t_in = transform_cost(costs, t, n, n, "fft")
@@ -187,6 +185,31 @@ def estimate_costs(
             cost += sparse + t_in
         out["spectral"] = cost
     return out
+
+
+def _factored_cost(space, costs: DeviceCosts, mode: str, t: int, h: float, base: float, coefficient_grad: bool,
+                   input_grad: bool) -> float:
+    """LoRA's two products at rank r = min(p', q') through the p' rows x q' columns the coefficients sit on, in
+    the activations' dtype; the sum with W0 x rides in the last product. The token-free factor (r x n or m x r)
+    is built from S' and fixed basis rows."""
+    m, n, launch = space.m, space.n, costs.launch
+    p_s, q_s = space.support_shape()
+    r, wide = min(p_s, q_s), (n if p_s <= q_s else m)  # wide: the length of the token-free factor's rows
+    scatter = 0.0 if space.block is not None else costs.elementwise * p_s * q_s
+    factor = 2.0 * p_s * q_s * wide + scatter + 2 * launch
+    product = 2.0 * t * r * h  # per unit of length: T tokens through rank r
+    cost = base - (costs.elementwise * t * m if mode == "delta" else 0.0) + factor + product * (n + m) + 2 * launch
+    if p_s <= q_s:  # g B_m[rows]^T serves both gradients; then x's gradient and the factor's
+        shared, input_part = m, n
+    else:  # the factor's gradient reads x B_n[cols]^T kept from the forward; x's gradient goes back through both
+        shared, input_part = 0, m + n
+    if coefficient_grad or input_grad:
+        cost += product * shared + launch
+    if coefficient_grad:
+        cost += factor + product * wide + launch
+    if input_grad:
+        cost += product * input_part + launch
+    return cost
 
 
 def choose_path(

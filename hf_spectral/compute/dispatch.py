@@ -2,7 +2,7 @@
 
 A spectral layer computes ``y = x W^T + b`` with ``W = W0 + s * B_m^T S B_n`` (delta mode) or
 ``W = B_m^T S B_n`` (replace mode), where S holds K coefficients of a ``CoefficientSpace``: a p x q
-block in the top-left corner (the ``lowfreq`` layout) or K scattered positions. The paths compute the
+block (the ``lowfreq`` and ``grid`` layouts) or K scattered positions. The paths compute the
 same outputs and gradients (``tests/test_compute_paths.py``) at different costs:
 
 ==========  =========================================================================  =====================
@@ -16,8 +16,10 @@ sampled     forward as ``dense``; S's gradient is read off the transformed      
             positions): the m x n product ``g^T x`` is never formed
 separate    delta mode: ``W0 x`` and ``s * dW x`` as two matmuls (PEFT FourierFT's     x, dW
             way); a reference, never chosen by ``auto``
-factored    block layouts: ``((x B_n[:q]^T) S^T) B_m[:p]``, three matmuls; never       x, T x q, T x p
-            builds an m x n matrix
+factored    block and sparse-grid layouts: LoRA's two products through the p'         x, T x r
+            frequency rows x q' columns the coefficients sit on: ``(x (S' B_n[cols])^T) B_m[rows]`` (or the
+            other association), r = min(p', q'); never builds an m x n matrix, and
+            costs what LoRA at rank r costs
 spectral    the activation domain: ``IDCT_m(DCT_n(x) S^T)`` with FFT transforms;      T x q, or T x n
             a block needs one p x q matmul, scattered positions a sparse product
             (one fused function, ``ScatteredSpectral``: four transforms in all);
@@ -49,7 +51,7 @@ def available_paths(space, mode: str) -> tuple[str, ...]:
     paths = ["dense", "sampled"]
     if mode == "delta":
         paths.append("separate")
-    if space.block is not None:
+    if space.factorable:
         paths.append("factored")
     if space.fft_ok:
         paths.append("spectral")
@@ -100,6 +102,12 @@ def run_path(
             x.reshape(-1, shape[-1]), values, base_weight, bias, space, scaling, fan_in_fan_out
         )
         return y.view(*shape[:-1], space.m)
+    if path == "factored":
+        shape = x.shape
+        base = None if base_weight is None else F.linear(x, orient(base_weight, fan_in_fan_out).to(x.dtype), bias)
+        base_2d = None if base is None else base.view(-1, space.m)
+        y = _factored(x.reshape(-1, shape[-1]), values, space, scaling, base_2d if base_2d is not None else bias)
+        return y.view(*shape[:-1], space.m)
     update = _activation_update(path, x, values, space)
     if scaling != 1.0:
         update = update * scaling
@@ -108,17 +116,29 @@ def run_path(
     return F.linear(x, orient(base_weight, fan_in_fan_out).to(x.dtype), bias) + update
 
 
+def _factored(x_2d: torch.Tensor, values: torch.Tensor, space, scaling: float, add: Optional[torch.Tensor]):
+    """``add + s * x W_S^T`` as LoRA computes its update: two products through the rank-r side of
+    ``W_S = B_m[rows]^T S' B_n[cols]``, S' the p' x q' coefficients over their support's rows and columns. The
+    token-free factor (S' B_n[cols], r x n, or B_m[rows]^T S', m x r) is built first, in the activations' dtype
+    as a dense layer would run, with the scaling folded in; ``add`` (W0 x + b, or b) joins in the last product."""
+    s = space.support_block(values).to(x_2d.dtype)
+    if scaling != 1.0:
+        s = s * scaling
+    rows_out = space.support_rows("out", x_2d.dtype, x_2d.device)
+    rows_in = space.support_rows("in", x_2d.dtype, x_2d.device)
+    if s.shape[0] <= s.shape[1]:  # rank side p': x (S' B_n)^T, then B_m rows
+        inner, outer = x_2d @ (s @ rows_in).T, rows_out
+    else:  # rank side q': x B_n^T, then (B_m^T S')^T
+        inner, outer = x_2d @ rows_in.T, s.T @ rows_out
+    return inner @ outer if add is None else torch.addmm(add, inner, outer)
+
+
 def _activation_update(path: str, x: torch.Tensor, values: torch.Tensor, space) -> torch.Tensor:
-    """``x W_S^T`` for a block without building W_S: factored (matmul transforms) or spectral (FFT transforms)."""
+    """``x W_S^T`` for a top-left block without building W_S, by FFT transforms (the ``spectral`` path)."""
     shape = x.shape
     x_2d = x.reshape(-1, shape[-1])
     p, q = space.block
-    if path == "factored":  # in the activations' dtype, as a dense layer would be
-        s = values.view(p, q).to(x.dtype)
-        u = Analyse.apply(x_2d, space, "in", q, "matmul")
-        out = Synthesise.apply(u @ s.T, space, "out", "matmul")
-    else:  # FFTs in the transform dtype
-        s = values.view(p, q)
-        u = Analyse.apply(x_2d.to(values.dtype), space, "in", q, "fft")
-        out = Synthesise.apply(u @ s.T, space, "out", "fft").to(x.dtype)
+    s = values.view(p, q)  # FFTs in the transform dtype
+    u = Analyse.apply(x_2d.to(values.dtype), space, "in", q, "fft")
+    out = Synthesise.apply(u @ s.T, space, "out", "fft").to(x.dtype)
     return out.view(*shape[:-1], space.m)

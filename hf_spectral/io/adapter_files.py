@@ -202,7 +202,7 @@ def layer_matrices(summary: AdapterSummary, names: Optional[list[str]] = None):
                 positions = None if saved is None else decode(saved, m, n, k=budget, name=layer.name)
                 space = make_space(
                     m, n, budget, layout=config.layout, basis=config.basis,
-                    seed=config.seed, indices=positions, name=layer.name,
+                    seed=config.seed, indices=positions, name=layer.name, **config.layout_options(),
                 )
             except ValueError as error:
                 raise AdapterFileError(f"{summary.path}: {error}") from None

@@ -63,7 +63,7 @@ def partial_load_allowed() -> bool:
 # fingerprints, so an edit is named field by field
 FINGERPRINT_FIELDS = (
     "mode", "layout", "basis", "seed", "scaling", "n_coefficients", "coefficient_fraction", "budget_pattern",
-    "banded_rings", "banded_energy_share",
+    "banded_rings", "banded_energy_share", "grid_rank",
 )
 FLOAT_DTYPES = {"F64", "F32", "BF16", "F16"}
 INDEX_DTYPES = {"I64", "I32", "U8"}  # positions, or a bitmap (index_codec)
@@ -89,7 +89,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 def index_fingerprint(space) -> str:
     """A hash of a coefficient space's basis and index set (its block, or its positions as int64)."""
     head = f"{space.basis}|{space.seed}|{space.m}x{space.n}|".encode()
-    if space.grid is not None:
+    if space.grid is not None and space.block is not None:
         return _digest(head + f"grid {space.grid}".encode())
     if space.block is not None:
         return _digest(head + f"block {space.block[0]}x{space.block[1]}".encode())
@@ -289,7 +289,7 @@ def check_adapter(folder: str, config, model: nn.Module, adapter_name: str = "de
             budget = config.budget_for(name, m, n)
             positions = None if indices is None else index_codec.decode(indices, m, n, k=budget, name=name)
             space = make_space(m, n, budget, layout=config.layout, basis=config.basis,
-                               seed=config.seed, indices=positions, name=name)
+                               seed=config.seed, indices=positions, name=name, **config.layout_options())
         except ValueError as error:
             raise _problem(weights, str(error), "Save the adapter again.") from None
         if space.k != count:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..compute import cost_model
@@ -36,6 +37,7 @@ from .layouts import (
     grid_frequencies,
     lowfreq_block,
     select_indices,
+    sparse_grid_frequencies,
     validate_indices,
 )
 
@@ -53,8 +55,9 @@ class CoefficientSpace:
         basis: ``"dct"`` or ``"random_orthonormal"``; ``seed`` seeds the random basis.
         block: (p, q) for a block, else None.
         indices: the K sorted flat positions (a 1-D integer tensor) when ``block`` is None.
-        grid: the block's (output frequencies, input frequencies), two sorted tuples of p and q ints; None for
-            the top-left block (frequencies 0..p-1 and 0..q-1).
+        grid: the (output frequencies, input frequencies) the coefficients sit on, two sorted tuples of ints: a
+            block's p and q (None for the top-left block, frequencies 0..p-1 and 0..q-1), or the rows and columns
+            that hold a sparse grid's scattered positions (None for other scattered positions).
 
     ``transform`` ("auto", "fft" or "matmul") chooses how the DCT runs; other bases, and grids (whose rows
     an FFT would compute all of), always use matmuls.
@@ -72,16 +75,19 @@ class CoefficientSpace:
     ):
         if (block is None) == (indices is None):
             raise ValueError("A coefficient space has either a block (p, q) or scattered indices, not both or neither.")
-        if grid is not None and (block is None or tuple(map(len, grid)) != tuple(block)):
+        if grid is not None and block is not None and tuple(map(len, grid)) != tuple(block):
             raise ValueError(f"A grid of {tuple(map(len, grid))} frequencies does not match the block {block}.")
         self.m, self.n, self.basis, self.seed, self.block = m, n, basis, seed, block
         self.indices, self.grid = indices, grid
-        # FFTs give every frequency in order: they serve the DCT on scattered positions or a top-left block
-        self.fft_ok = basis == "dct" and grid is None
+        # FFTs give every frequency in order: they serve the DCT on scattered positions (a sparse grid's too) or a
+        # top-left block, not a block of chosen frequencies
+        self.fft_ok = basis == "dct" and (grid is None or block is None)
         self.k = block[0] * block[1] if block is not None else int(indices.numel())
         self.transform = "auto"
         self._sparse = {}
         self._grid_rows = {}
+        self._support_cache = None
+        self._support_cells = {}
 
     def __repr__(self) -> str:
         where = f"{'grid' if self.grid else 'block'} {self.block[0]}x{self.block[1]}" if self.block else f"{self.k} scattered positions"
@@ -108,6 +114,62 @@ class CoefficientSpace:
 
     def size(self, side: str) -> int:
         return self.m if side == "out" else self.n
+
+    # -- the support: the frequency rows and columns the coefficients sit on -----------------------------
+
+    @property
+    def factorable(self) -> bool:
+        """Whether the coefficients sit on known frequency rows and columns (a block, or a sparse grid), so that
+        the ``factored`` path can run them as a product through those rows and columns."""
+        return self.block is not None or self.grid is not None
+
+    def support_shape(self) -> tuple[int, int]:
+        """How many output and input frequencies the coefficients sit on (p x q for a block)."""
+        if self.block is not None:
+            return self.block
+        rows, cols, _ = self._support()
+        return len(rows), len(cols)
+
+    def support_block(self, values: torch.Tensor) -> torch.Tensor:
+        """The coefficients as the p' x q' matrix over their support's rows and columns (zero where none is kept):
+        ``W = B_m[rows]^T S' B_n[cols]``. Differentiable; a block is its values, reshaped."""
+        if self.block is not None:
+            return values.view(*self.block)
+        rows, cols, cells = self._support()
+        if values.device not in self._support_cells:
+            self._support_cells[values.device] = cells.to(values.device)
+        cells = self._support_cells[values.device]
+        return values.new_zeros(len(rows) * len(cols)).scatter(0, cells, values).view(len(rows), len(cols))
+
+    def support_rows(self, side: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The basis rows of the support's frequencies on ``side`` (p' x m or q' x n, cached, read-only)."""
+        if self.block is not None:
+            return self.block_rows(side, self.block[0 if side == "out" else 1], dtype, device)
+        key = ("support", side, dtype, device)
+        if key not in self._grid_rows:
+            chosen = self._support()[0 if side == "out" else 1]
+            rows = self.basis_rows(side, dtype, device)
+            self._grid_rows[key] = rows.index_select(0, torch.as_tensor(chosen, device=device))
+        return self._grid_rows[key]
+
+    def _support(self) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """Scattered positions: the rows and columns they sit on (the grid's, else their distinct ones), and each
+        position's flat cell in the rows x columns block (computed once, on the CPU)."""
+        if self._support_cache is None:
+            flat = self.indices.detach().cpu().numpy().astype(np.int64)
+            if self.grid is not None:
+                rows, cols = (np.asarray(chosen, dtype=np.int64) for chosen in self.grid)
+                row_of = np.minimum(np.searchsorted(rows, flat // self.n), len(rows) - 1)
+                col_of = np.minimum(np.searchsorted(cols, flat % self.n), len(cols) - 1)
+                if not (np.array_equal(rows[row_of], flat // self.n) and np.array_equal(cols[col_of], flat % self.n)):
+                    raise ValueError("coefficient indices fall outside the sparse grid's rows and columns.")
+            else:
+                rows, row_of = np.unique(flat // self.n, return_inverse=True)
+                cols, col_of = np.unique(flat % self.n, return_inverse=True)
+            cells = torch.from_numpy(row_of * len(cols) + col_of)
+            self._support_cache = (rows, cols, cells)
+            self._support_cells = {cells.device: cells}
+        return self._support_cache
 
     def analyse(
         self, x: torch.Tensor, side: str, keep: int, method: str, transpose: bool = False, scratch: bool = False
@@ -328,6 +390,7 @@ def make_space(
     gradient: Optional[torch.Tensor] = None,
     rings: int = 4,
     energy_share: float = 0.5,
+    grid_rank: int = 64,
     name: str = "",
 ) -> CoefficientSpace:
     """The coefficient space of an m x n layer with budget ``k`` under ``layout``: the one place an index
@@ -346,9 +409,11 @@ def make_space(
     if layout == "grid":
         grid = grid_frequencies(m, n, k, seed)
         return CoefficientSpace(m, n, basis, seed, block=tuple(map(len, grid)), grid=grid)
+    # a sparse grid's positions sit on rows and columns recomputed from the seed, which its factored path reads
+    grid = sparse_grid_frequencies(m, n, seed, grid_rank) if layout == "sparse_grid" else None
     if indices is not None:
         validate_indices(indices, m, n, name=name)
-        return CoefficientSpace(m, n, basis, seed, indices=in_memory(indices, m, n))
+        return CoefficientSpace(m, n, basis, seed, indices=in_memory(indices, m, n), grid=grid)
     coefficients = None
     if layout in CALIBRATED_LAYOUTS:
         if gradient is None:
@@ -371,6 +436,8 @@ def make_space(
         # the full analysis in the layer's own basis (a throwaway space over every position)
         everything = CoefficientSpace(m, n, basis, seed, block=(m, n))
         coefficients = everything.all_coefficients(weight)
-    chosen = select_indices(layout, m, n, k, seed=seed, coefficients=coefficients, rings=rings, energy_share=energy_share)
+    chosen = select_indices(
+        layout, m, n, k, seed=seed, coefficients=coefficients, rings=rings, energy_share=energy_share, grid_rank=grid_rank
+    )
     device = weight.device if weight is not None else torch.device("cpu")
-    return CoefficientSpace(m, n, basis, seed, indices=in_memory(chosen, m, n).to(device))
+    return CoefficientSpace(m, n, basis, seed, indices=in_memory(chosen, m, n).to(device), grid=grid)

@@ -4,24 +4,28 @@ Every function returns a sorted int64 tensor of distinct flat indices ``row * n 
 row = output frequency, col = input frequency. Pure functions of shapes, seeds and (for
 ``energy`` and ``banded``) the coefficients of an existing weight.
 
-=========  ==================================================================  ===========
-layout     which coefficients                                                  needs data
-=========  ==================================================================  ===========
-lowfreq    the top-left p x q block, p/q close to m/n and p*q <= K; the        no
-           update has rank <= min(p, q), and the forward can skip building W
-grid       every coefficient of p frequency rows x q frequency columns drawn   no
-           at random (seeded; p x q as lowfreq's): spread over the spectrum
-           like ``random``, and a rank <= min(p, q) product the forward runs
-           with fixed basis rows, as LoRA runs its factors
-triangle   the K lowest frequencies by i/m + j/n (JPEG's zigzag order)         no
-random     K positions uniformly at random (seeded); can host full rank        no
-energy     the K largest |DCT(W0)| of the existing weight                      yes
-banded     L rings by distance from DC, an equal share of K per ring; within   yes
-           a ring a fraction by energy and the rest at random (sDCTFT)
-gradient   the K largest |DCT(G)| of the loss gradient G of the frozen weight  calibration
-           on calibration batches (``hf_spectral.init_gradient_layout``): the
-           coefficients where a first step would move the most (as LoRA-GA)
-=========  ==================================================================  ===========
+===========  ==================================================================  ===========
+layout       which coefficients                                                  needs data
+===========  ==================================================================  ===========
+lowfreq      the top-left p x q block, p/q close to m/n and p*q <= K; the        no
+             update has rank <= min(p, q), and the forward can skip building W
+grid         every coefficient of p frequency rows x q frequency columns drawn   no
+             at random (seeded; p x q as lowfreq's): spread over the spectrum
+             like ``random``, and a rank <= min(p, q) product the forward runs
+             with fixed basis rows, as LoRA runs its factors
+triangle     the K lowest frequencies by i/m + j/n (JPEG's zigzag order)         no
+random       K positions uniformly at random (seeded); can host full rank        no
+sparse_grid  K positions at random inside r frequency rows x r frequency         no
+             columns drawn at random (r = ``grid_rank``, seeded): spread over
+             the spectrum like ``random``, rank <= r, and a forward that runs
+             as LoRA at rank r does (the ``factored`` compute path)
+energy       the K largest |DCT(W0)| of the existing weight                      yes
+banded       L rings by distance from DC, an equal share of K per ring; within   yes
+             a ring a fraction by energy and the rest at random (sDCTFT)
+gradient     the K largest |DCT(G)| of the loss gradient G of the frozen weight  calibration
+             on calibration batches (``hf_spectral.init_gradient_layout``): the
+             coefficients where a first step would move the most (as LoRA-GA)
+===========  ==================================================================  ===========
 
 ``lowfreq`` and ``grid`` keep a block of p x q coefficients (:func:`lowfreq_block`, :func:`grid_frequencies`),
 not scattered positions. Sets that need data are saved with the adapter; the others are recomputed from shape and seed. A
@@ -39,7 +43,7 @@ import torch
 
 from . import stable_random
 
-LAYOUTS = ("lowfreq", "grid", "triangle", "random", "energy", "banded")
+LAYOUTS = ("lowfreq", "grid", "sparse_grid", "triangle", "random", "energy", "banded")
 DATA_DEPENDENT_LAYOUTS = ("energy", "banded")
 # a p x q block of coefficients rather than scattered positions
 BLOCK_LAYOUTS = ("lowfreq", "grid")
@@ -107,8 +111,31 @@ def grid_frequencies(m: int, n: int, k: int, seed: int) -> tuple[tuple[int, ...]
     return tuple(int(r) for r in rows), tuple(int(c) for c in cols)
 
 
-# the grid's own random streams, apart from those of random (0) and banded (1 + ring)
+# the grids' own random streams, apart from those of random (0) and banded (1 + ring)
 _GRID_ROWS, _GRID_COLS = 1001, 1002
+_SPARSE_GRID_ROWS, _SPARSE_GRID_COLS, _SPARSE_GRID_CELLS = 1011, 1012, 1013
+
+
+def sparse_grid_frequencies(m: int, n: int, seed: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``sparse_grid`` layout's min(rank, m) output and min(rank, n) input frequencies (sorted)."""
+    rows = np.sort(stable_random.choose(seed, m, min(rank, m), stream=_SPARSE_GRID_ROWS))
+    cols = np.sort(stable_random.choose(seed, n, min(rank, n), stream=_SPARSE_GRID_COLS))
+    return tuple(int(r) for r in rows), tuple(int(c) for c in cols)
+
+
+def sparse_grid_indices(m: int, n: int, k: int, seed: int, rank: int) -> torch.Tensor:
+    """K positions drawn at random among the cells of :func:`sparse_grid_frequencies`' rows x columns (the
+    ``sparse_grid`` layout)."""
+    p, q = min(rank, m), min(rank, n)
+    if k > p * q:
+        raise ValueError(
+            f"layout='sparse_grid' with grid_rank={rank} has {p} x {q} = {p * q} cells for an {m} x {n} layer, fewer "
+            f"than its budget of {k} coefficients: raise grid_rank to at least {math.isqrt(k - 1) + 1}, or lower the "
+            "budget."
+        )
+    rows, cols = (np.asarray(chosen, dtype=np.int64) for chosen in sparse_grid_frequencies(m, n, seed, rank))
+    cells = stable_random.choose(seed, p * q, k, stream=_SPARSE_GRID_CELLS)
+    return torch.from_numpy(np.sort(rows[cells // q] * n + cols[cells % q]).astype(np.int64))
 
 
 def _frequency_grid(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +201,7 @@ def select_indices(
     coefficients: torch.Tensor | None = None,
     rings: int = 4,
     energy_share: float = 0.5,
+    grid_rank: int = 64,
 ) -> torch.Tensor:
     """The index set of ``layout`` for an m x n layer with budget ``k``.
 
@@ -193,6 +221,8 @@ def select_indices(
         return triangle_indices(m, n, k)
     if layout == "random":
         return random_indices(m, n, k, seed)
+    if layout == "sparse_grid":
+        return sparse_grid_indices(m, n, k, seed, grid_rank)
     if coefficients is None:
         what = "the weight's gradient" if layout in CALIBRATED_LAYOUTS else "an existing weight"
         raise ValueError(f"layout={layout!r} ranks coefficients of {what}, and none was given.")

@@ -44,6 +44,8 @@ class SpectralConfig(PeftConfig):
             full-rank updates), ``"lowfreq"`` (top-left block; rank <= block size, fastest forward),
             ``"grid"`` (every coefficient of p random frequency rows x q random columns: spread over the
             spectrum, and run as a rank <= min(p, q) product with fixed basis rows, at lowfreq's cost),
+            ``"sparse_grid"`` (K random cells of ``grid_rank`` random frequency rows x as many columns: spread,
+            rank <= grid_rank, run as LoRA at that rank),
             ``"triangle"`` (lowest frequencies in zigzag order), ``"energy"`` (largest |DCT| of the existing
             weight), ``"banded"`` (rings by frequency, half by energy and half at random per ring),
             ``"gradient"`` (delta mode: largest |DCT| of the loss gradient on calibration batches; chosen by
@@ -57,6 +59,9 @@ class SpectralConfig(PeftConfig):
             random basis. The same seed gives the same indices on every machine and library version.
         banded_rings (`int`), banded_energy_share (`float`): the ``banded`` layout's number of rings and the
             share of each ring chosen by energy (the rest is random).
+        grid_rank (`int`): the ``sparse_grid`` layout's r: its K coefficients sit at random among the cells of r
+            random frequency rows x r random columns, so the update has rank <= r and a step costs about what
+            LoRA at rank r costs. Each layer's budget must fit in its r x r cells (default 64: K up to 4096).
         init_weights (`bool` or `str`): ``True`` (default) starts from what the base model is: in delta mode
             S = 0 (the identity); in replace mode ``"project"`` for a weight that transformers loaded from a
             checkpoint (``from_pretrained``) and ``"random"`` for one built by ``from_config`` or plain torch
@@ -99,6 +104,9 @@ class SpectralConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "Seed of random layouts and bases."})
     banded_rings: int = field(default=4, metadata={"help": "Rings of the 'banded' layout."})
     banded_energy_share: float = field(default=0.5, metadata={"help": "Share of each ring chosen by energy."})
+    grid_rank: int = field(
+        default=64, metadata={"help": "The 'sparse_grid' layout's frequency rows and columns (the update's rank bound)."}
+    )
     spectral_dropout: float = field(default=0.0, metadata={"help": "Delta mode: dropout on the update's input."})
     init_weights: Union[bool, str] = field(default=True, metadata={"help": f"One of {INIT_CHOICES}."})
     train_non_spectral: bool = field(
@@ -200,6 +208,11 @@ class SpectralConfig(PeftConfig):
             raise ValueError(f"banded_rings={self.banded_rings!r} must be a positive integer, e.g. 4.")
         if not 0.0 <= self.banded_energy_share <= 1.0:
             raise ValueError(f"banded_energy_share={self.banded_energy_share!r} is outside [0, 1], e.g. 0.5.")
+        if isinstance(self.grid_rank, bool) or not isinstance(self.grid_rank, int) or self.grid_rank < 1:
+            raise ValueError(
+                f"grid_rank={self.grid_rank!r} must be a positive integer (the sparse_grid layout's frequency rows and "
+                "columns), e.g. 64; its r x r cells must hold each layer's budget."
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
@@ -211,6 +224,10 @@ class SpectralConfig(PeftConfig):
     def _check_choice(name: str, value, allowed: tuple) -> None:
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {allowed}.")
+
+    def layout_options(self) -> dict:
+        """The layout settings every ``make_space`` call of this config passes on."""
+        return {"rings": self.banded_rings, "energy_share": self.banded_energy_share, "grid_rank": self.grid_rank}
 
     def budget_for(self, module_key: str, m: int, n: int) -> int:
         """K for an m x n module, after budget_pattern and the defaults."""

@@ -90,7 +90,9 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
         param = self.get_param()
         device = param.device if param.device.type != "meta" else torch.device("cpu")
         dtype = transform_dtype(param.dtype if param.dtype.is_floating_point else torch.float32)
-        space = make_space(m, n, k, layout=config.layout, basis=config.basis, seed=config.seed, name=module_key)
+        space = make_space(
+            m, n, k, layout=config.layout, basis=config.basis, seed=config.seed, name=module_key, **config.layout_options()
+        )
         if config.init_weights:
             values = torch.zeros(self.num_experts, space.k, dtype=dtype)
         else:  # small random coefficients, as SpectralLinear's init_weights=False

@@ -128,7 +128,7 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict, adapter_
         values = coefficients[name]
         positions = None if name not in indices else decode_indices(indices[name], m, n, k=values.numel(), name=name)
         space = make_space(m, n, config.budget_for(name, m, n), layout=config.layout, basis=config.basis,
-                           seed=config.seed, indices=positions, name=name)
+                           seed=config.seed, indices=positions, name=name, **config.layout_options())
         if space.k != values.numel():
             raise ValueError(f"The new adapter holds {values.numel()} coefficients for {name!r}, its config gives {space.k}.")
         held_scaling = layer.spectral_settings[adapter_name].scaling

@@ -132,7 +132,7 @@ class SpectralLayer(BaseTunerLayer):
         calibrated = layout in CALIBRATED_LAYOUTS
         space = make_space(
             m, n, k, layout="random" if calibrated else layout, basis=basis, seed=seed, weight=weight,
-            rings=config.banded_rings, energy_share=config.banded_energy_share, name=module_key,
+            name=module_key, **config.layout_options(),
         )
         count = space.k
 

@@ -407,7 +407,7 @@ class SpectralModel(BaseTuner):
         if any(config.mode != "delta" for config in configs):
             raise ValueError("Only delta-mode adapters can be combined: a replace-mode adapter is the weight itself.")
         fields = ("layout", "basis", "seed", "n_coefficients", "coefficient_fraction", "budget_pattern",
-                  "banded_rings", "banded_energy_share", "target_modules", "exclude_modules", "layers_to_transform")
+                  "banded_rings", "banded_energy_share", "grid_rank", "target_modules", "exclude_modules", "layers_to_transform")
         differ = [f for f in fields if any(getattr(c, f) != getattr(configs[0], f) for c in configs[1:])]
         if differ:
             raise ValueError(
