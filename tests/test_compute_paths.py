@@ -362,6 +362,22 @@ def test_auto_takes_the_cheapest_path_of_the_cost_model():
         assert cost_model.choose_path(half_random, "replace", 4096, device, coefficient_grad=True, input_grad=True) == "dense"
 
 
+def test_on_a_cpu_the_work_that_gains_little_from_threads_costs_more_per_matmul_flop_with_more_threads():
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cost_model.costs_for("cpu")
+        assert one == cost_model.DEVICE_COSTS["cpu"]  # the constants were measured at one thread
+        torch.set_num_threads(2)
+        two = cost_model.costs_for("cpu")
+    finally:
+        torch.set_num_threads(previous)
+    factor = 2 ** cost_model._CPU_THREAD_EXPONENT
+    for name in ("elementwise", "fft", "sparse", "launch"):
+        assert getattr(two, name) == pytest.approx(getattr(one, name) * factor), name
+    assert two.half_matmul == one.half_matmul and cost_model.costs_for("cuda") == cost_model.DEVICE_COSTS["cuda"]
+
+
 def test_the_sampled_gradient_summed_over_token_chunks_is_the_same(monkeypatch):
     monkeypatch.setattr(functions, "sampled_chunk", lambda space, tokens: 3)  # 10 tokens: chunks of 3, 3, 3, 1
     for layout in ("lowfreq", "random"):

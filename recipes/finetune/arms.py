@@ -48,6 +48,7 @@ def peft_config_for(
     lora_alpha: Optional[float] = None,
     scaling: Optional[float] = None,
     block_size: int = 64,
+    grid_rank: Optional[int] = None,
 ) -> Optional[PeftConfig]:
     """The PEFT config of an arm; None for ``full`` (no adapter: every weight trains)."""
     if method not in METHODS:
@@ -67,8 +68,9 @@ def peft_config_for(
         return C3AConfig(block_size=block_size, **common)
     scale = DEFAULT_SCALING[method] if scaling is None else float(scaling)
     if method == "spectral":
+        extra = {} if grid_rank is None else {"grid_rank": grid_rank}
         return SpectralConfig(
-            mode="delta", n_coefficients=n_coefficients, layout=layout, scaling=scale, seed=seed, **common
+            mode="delta", n_coefficients=n_coefficients, layout=layout, scaling=scale, seed=seed, **extra, **common
         )
     if method == "fourierft":
         # PEFT's default init (random spectrum, not the identity) and its scaling: what a user gets

@@ -103,6 +103,9 @@ class RecipeArguments:
     layout: str = field(default="random", metadata={"help": "Spectral index set: random, energy, banded, ..."})
     n_coefficients: int = field(default=1000, metadata={"help": "K per layer (spectral, FourierFT, WaveFT)."})
     rank: int = field(default=8, metadata={"help": "LoRA rank (and VeRA's r)."})
+    grid_rank: Optional[int] = field(
+        default=None, metadata={"help": "layout sparse_grid: its frequency rows and columns (default: the library's)."}
+    )
     block_size_c3a: int = field(default=64, metadata={"help": "C3A's block size (divides every targeted layer)."})
     global_budget: bool = field(
         default=False, metadata={"help": "layout gradient: share the layers' total K by gradient energy."}
@@ -320,6 +323,7 @@ def build_model(recipe: RecipeArguments, path: str, tokenizer, seed: int):
         lora_alpha=recipe.lora_alpha,
         scaling=recipe.scaling,
         block_size=recipe.block_size_c3a,
+        grid_rank=recipe.grid_rank,
     )
     if config is not None:
         model = get_peft_model(model, config)
