@@ -16,7 +16,7 @@ def test_every_layout_gives_distinct_sorted_in_range_indices(layout, shape):
     m, n = shape
     coefficients = torch.randn(m, n)
     for k in {1, max(1, m * n // 3), m * n}:
-        indices = layouts.select_indices(layout, m, n, k, seed=1, coefficients=coefficients, grid_rank=max(m, n))
+        indices = layouts.select_indices(layout, m, n, k, seed=1, coefficients=coefficients)
         layouts.validate_indices(indices, m, n)
         assert indices.dtype == torch.int64
         assert torch.all(indices[1:] > indices[:-1])
@@ -182,7 +182,7 @@ def test_sparse_grid_puts_k_positions_on_r_rows_and_r_columns_spread_over_the_sp
     indices = layouts.select_indices("sparse_grid", m, n, k, seed=0, grid_rank=rank)
     layouts.validate_indices(indices, m, n)
     assert indices.numel() == k and torch.all(indices[1:] > indices[:-1])
-    rows, cols = layouts.sparse_grid_frequencies(m, n, seed=0, rank=rank)
+    rows, cols = layouts.sparse_grid_frequencies(m, n, k, seed=0, rank=rank)
     assert (len(rows), len(cols)) == (min(rank, m), min(rank, n))
     assert set((indices // n).tolist()) <= set(rows) and set((indices % n).tolist()) <= set(cols)
     if len(rows) < m // 2:  # not a corner: frequencies from the upper half are among them
@@ -190,18 +190,31 @@ def test_sparse_grid_puts_k_positions_on_r_rows_and_r_columns_spread_over_the_sp
     assert not torch.equal(layouts.select_indices("sparse_grid", m, n, k, seed=1, grid_rank=rank), indices)
 
 
+@pytest.mark.parametrize("m, n, k", [(576, 576, 1000), (1536, 576, 1000), (8, 4096, 1000), (4096, 8, 1000), (21, 34, 90), (3, 3, 9), (1, 50, 7)])
+def test_sparse_grid_by_default_has_about_4k_cells_of_rank_2_sqrt_k(m, n, k):
+    p, q = layouts.sparse_grid_shape(m, n, k)
+    r = math.ceil(2 * math.sqrt(k))
+    assert k <= p * q <= m * n and p <= m and q <= n
+    if m >= r and n >= r:  # room for the square grid: r x r
+        assert (p, q) == (r, r)
+    else:  # a thin layer: its thin side whole, the other widened to about 4K cells
+        assert min(p, q) == min(m, n) and p * q >= min(4 * k, m * n) or max(p, q) == max(m, n)
+    assert layouts.sparse_grid_shape(576, 576, 1000) == (64, 64)  # the default budget: LoRA r=64's step shape
+    assert layouts.select_indices("sparse_grid", m, n, k, seed=0).numel() == k
+
+
 def test_sparse_grid_positions_are_pinned():
     # recomputed from the seed when an adapter is loaded: a change here would change saved adapters
-    assert layouts.sparse_grid_frequencies(40, 24, seed=3, rank=5) == ((2, 8, 9, 15, 27), (5, 8, 12, 13, 22))
+    assert layouts.sparse_grid_frequencies(40, 24, 6, seed=3, rank=5) == ((2, 8, 9, 15, 27), (5, 8, 12, 13, 22))
     assert layouts.sparse_grid_indices(40, 24, 6, seed=3, rank=5).tolist() == [53, 61, 224, 228, 229, 670]
 
 
 def test_sparse_grid_budget_over_its_cells_is_an_error_that_names_the_fix():
-    with pytest.raises(ValueError, match=r"grid_rank=8 has 8 x 8 = 64 cells .* budget of 100 .* at least 10"):
+    with pytest.raises(ValueError, match=r"grid_rank=8 has 8 x 8 = 64 cells .* budget of 100 .* at least 10, leave it None"):
         layouts.select_indices("sparse_grid", 40, 24, 100, grid_rank=8)
 
 
-@pytest.mark.parametrize("rank", [0, -3, 2.5, True, "64"])
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True, "64"])  # None is the default
 def test_a_bad_grid_rank_is_an_error_that_names_the_value(rank):
     from hf_spectral import SpectralConfig
 
@@ -213,7 +226,7 @@ def test_a_sparse_grid_space_runs_the_factored_path_on_its_rows_and_columns():
     from hf_spectral.compute import cost_model
     from hf_spectral.transforms.coefficient_space import make_space
 
-    space = make_space(576, 576, 1000, layout="sparse_grid", seed=0, grid_rank=64)
+    space = make_space(576, 576, 1000, layout="sparse_grid", seed=0)  # grid_rank None: 64 x 64
     assert space.factorable and space.fft_ok and space.support_shape() == (64, 64)
     values = torch.randn(space.k, dtype=torch.float64)
     rows, cols = (torch.tensor(chosen) for chosen in space.grid)

@@ -390,7 +390,7 @@ def make_space(
     gradient: Optional[torch.Tensor] = None,
     rings: int = 4,
     energy_share: float = 0.5,
-    grid_rank: int = 64,
+    grid_rank: Optional[int] = None,
     name: str = "",
 ) -> CoefficientSpace:
     """The coefficient space of an m x n layer with budget ``k`` under ``layout``: the one place an index
@@ -410,7 +410,7 @@ def make_space(
         grid = grid_frequencies(m, n, k, seed)
         return CoefficientSpace(m, n, basis, seed, block=tuple(map(len, grid)), grid=grid)
     # a sparse grid's positions sit on rows and columns recomputed from the seed, which its factored path reads
-    grid = sparse_grid_frequencies(m, n, seed, grid_rank) if layout == "sparse_grid" else None
+    grid = sparse_grid_frequencies(m, n, k, seed, grid_rank) if layout == "sparse_grid" else None
     if indices is not None:
         validate_indices(indices, m, n, name=name)
         return CoefficientSpace(m, n, basis, seed, indices=in_memory(indices, m, n), grid=grid)

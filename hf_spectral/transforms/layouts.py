@@ -16,9 +16,10 @@ grid         every coefficient of p frequency rows x q frequency columns drawn  
 triangle     the K lowest frequencies by i/m + j/n (JPEG's zigzag order)         no
 random       K positions uniformly at random (seeded); can host full rank        no
 sparse_grid  K positions at random inside r frequency rows x r frequency         no
-             columns drawn at random (r = ``grid_rank``, seeded): spread over
-             the spectrum like ``random``, rank <= r, and a forward that runs
-             as LoRA at rank r does (the ``factored`` compute path)
+             columns drawn at random (seeded; r = ``grid_rank``, by default
+             about 2 sqrt(K), so 4K cells): spread over the spectrum like
+             ``random``, rank <= r, and a forward that runs as LoRA at rank r
+             does (the ``factored`` compute path)
 energy       the K largest |DCT(W0)| of the existing weight                      yes
 banded       L rings by distance from DC, an equal share of K per ring; within   yes
              a ring a fraction by energy and the rest at random (sDCTFT)
@@ -116,24 +117,43 @@ _GRID_ROWS, _GRID_COLS = 1001, 1002
 _SPARSE_GRID_ROWS, _SPARSE_GRID_COLS, _SPARSE_GRID_CELLS = 1011, 1012, 1013
 
 
-def sparse_grid_frequencies(m: int, n: int, seed: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ``sparse_grid`` layout's min(rank, m) output and min(rank, n) input frequencies (sorted)."""
-    rows = np.sort(stable_random.choose(seed, m, min(rank, m), stream=_SPARSE_GRID_ROWS))
-    cols = np.sort(stable_random.choose(seed, n, min(rank, n), stream=_SPARSE_GRID_COLS))
+def sparse_grid_shape(m: int, n: int, k: int, rank: int | None = None) -> tuple[int, int]:
+    """The ``sparse_grid`` layout's p frequency rows x q columns for budget ``k``.
+
+    ``rank`` given: min(rank, m) x min(rank, n), which must hold the K cells. ``rank=None``: about 4K cells,
+    r x r with r = ceil(2 sqrt(K)), the thin side of a thin layer taken whole and the other side widened to fit;
+    so the rank bound grows as sqrt(K), as LoRA's parameters do with its rank.
+    """
+    if rank is not None:
+        p, q = min(rank, m), min(rank, n)
+        if k > p * q:
+            raise ValueError(
+                f"layout='sparse_grid' with grid_rank={rank} has {p} x {q} = {p * q} cells for an {m} x {n} layer, "
+                f"fewer than its budget of {k} coefficients: raise grid_rank to at least {math.isqrt(k - 1) + 1}, "
+                "leave it None (about 4K cells), or lower the budget."
+            )
+        return p, q
+    r, cells = math.ceil(2 * math.sqrt(k)), min(4 * k, m * n)
+    if m <= n:
+        p = min(r, m)
+        return p, min(n, max(r, -(-cells // p)))
+    q = min(r, n)
+    return min(m, max(r, -(-cells // q))), q
+
+
+def sparse_grid_frequencies(m: int, n: int, k: int, seed: int, rank: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``sparse_grid`` layout's output and input frequencies (sorted), as many as :func:`sparse_grid_shape`."""
+    p, q = sparse_grid_shape(m, n, k, rank)
+    rows = np.sort(stable_random.choose(seed, m, p, stream=_SPARSE_GRID_ROWS))
+    cols = np.sort(stable_random.choose(seed, n, q, stream=_SPARSE_GRID_COLS))
     return tuple(int(r) for r in rows), tuple(int(c) for c in cols)
 
 
-def sparse_grid_indices(m: int, n: int, k: int, seed: int, rank: int) -> torch.Tensor:
+def sparse_grid_indices(m: int, n: int, k: int, seed: int, rank: int | None = None) -> torch.Tensor:
     """K positions drawn at random among the cells of :func:`sparse_grid_frequencies`' rows x columns (the
     ``sparse_grid`` layout)."""
-    p, q = min(rank, m), min(rank, n)
-    if k > p * q:
-        raise ValueError(
-            f"layout='sparse_grid' with grid_rank={rank} has {p} x {q} = {p * q} cells for an {m} x {n} layer, fewer "
-            f"than its budget of {k} coefficients: raise grid_rank to at least {math.isqrt(k - 1) + 1}, or lower the "
-            "budget."
-        )
-    rows, cols = (np.asarray(chosen, dtype=np.int64) for chosen in sparse_grid_frequencies(m, n, seed, rank))
+    rows, cols = (np.asarray(chosen, dtype=np.int64) for chosen in sparse_grid_frequencies(m, n, k, seed, rank))
+    p, q = len(rows), len(cols)
     cells = stable_random.choose(seed, p * q, k, stream=_SPARSE_GRID_CELLS)
     return torch.from_numpy(np.sort(rows[cells // q] * n + cols[cells % q]).astype(np.int64))
 
@@ -201,7 +221,7 @@ def select_indices(
     coefficients: torch.Tensor | None = None,
     rings: int = 4,
     energy_share: float = 0.5,
-    grid_rank: int = 64,
+    grid_rank: int | None = None,
 ) -> torch.Tensor:
     """The index set of ``layout`` for an m x n layer with budget ``k``.
 

@@ -59,9 +59,10 @@ class SpectralConfig(PeftConfig):
             random basis. The same seed gives the same indices on every machine and library version.
         banded_rings (`int`), banded_energy_share (`float`): the ``banded`` layout's number of rings and the
             share of each ring chosen by energy (the rest is random).
-        grid_rank (`int`): the ``sparse_grid`` layout's r: its K coefficients sit at random among the cells of r
-            random frequency rows x r random columns, so the update has rank <= r and a step costs about what
-            LoRA at rank r costs. Each layer's budget must fit in its r x r cells (default 64: K up to 4096).
+        grid_rank (`int`, optional): the ``sparse_grid`` layout's r: its K coefficients sit at random among the
+            cells of r random frequency rows x r random columns, so the update has rank <= r and a step costs about
+            what LoRA at rank r costs. Each layer's budget must fit in its r x r cells. None (default): about
+            2 sqrt(K) per layer, 4K cells (64 for K = 1000).
         init_weights (`bool` or `str`): ``True`` (default) starts from what the base model is: in delta mode
             S = 0 (the identity); in replace mode ``"project"`` for a weight that transformers loaded from a
             checkpoint (``from_pretrained``) and ``"random"`` for one built by ``from_config`` or plain torch
@@ -104,8 +105,9 @@ class SpectralConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "Seed of random layouts and bases."})
     banded_rings: int = field(default=4, metadata={"help": "Rings of the 'banded' layout."})
     banded_energy_share: float = field(default=0.5, metadata={"help": "Share of each ring chosen by energy."})
-    grid_rank: int = field(
-        default=64, metadata={"help": "The 'sparse_grid' layout's frequency rows and columns (the update's rank bound)."}
+    grid_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "The 'sparse_grid' layout's frequency rows and columns (the update's rank bound); None: about 2 sqrt(K)."},
     )
     spectral_dropout: float = field(default=0.0, metadata={"help": "Delta mode: dropout on the update's input."})
     init_weights: Union[bool, str] = field(default=True, metadata={"help": f"One of {INIT_CHOICES}."})
@@ -208,10 +210,12 @@ class SpectralConfig(PeftConfig):
             raise ValueError(f"banded_rings={self.banded_rings!r} must be a positive integer, e.g. 4.")
         if not 0.0 <= self.banded_energy_share <= 1.0:
             raise ValueError(f"banded_energy_share={self.banded_energy_share!r} is outside [0, 1], e.g. 0.5.")
-        if isinstance(self.grid_rank, bool) or not isinstance(self.grid_rank, int) or self.grid_rank < 1:
+        if self.grid_rank is not None and (
+            isinstance(self.grid_rank, bool) or not isinstance(self.grid_rank, int) or self.grid_rank < 1
+        ):
             raise ValueError(
                 f"grid_rank={self.grid_rank!r} must be a positive integer (the sparse_grid layout's frequency rows and "
-                "columns), e.g. 64; its r x r cells must hold each layer's budget."
+                "columns), e.g. 64, whose r x r cells hold each layer's budget; or None for about 2 sqrt(K)."
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
