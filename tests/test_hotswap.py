@@ -92,16 +92,17 @@ def test_adapters_that_cannot_be_swapped_are_refused_and_the_model_kept(tmp_path
     torch.testing.assert_close(logits_of(model, INPUTS), before)
 
 
-def test_a_grid_swaps_only_into_the_same_grid(tmp_path):
-    save_adapter(tmp_path / "a", 0, layout="grid")
+@pytest.mark.parametrize("layout", ["grid", "sparse_grid"])
+def test_a_grid_swaps_only_into_the_same_grid(tmp_path, layout):
+    save_adapter(tmp_path / "a", 0, layout=layout)
     model = loaded(tmp_path / "a")
     before = logits_of(model, INPUTS)
     torch.manual_seed(7)  # same grid (seed 0), other coefficients
-    config = SpectralConfig(init_weights=False, seed=0, layout="grid", target_modules=TARGETS, n_coefficients=40)
+    config = SpectralConfig(init_weights=False, seed=0, layout=layout, target_modules=TARGETS, n_coefficients=40)
     other = get_peft_model(make_llama(), config)
     other.save_pretrained(tmp_path / "same_grid")
     expected = logits_of(other.eval(), INPUTS)
-    save_adapter(tmp_path / "other_grid", 1, layout="grid")  # seed 1: other frequencies
+    save_adapter(tmp_path / "other_grid", 1, layout=layout)  # seed 1: other frequencies
     with pytest.raises(ValueError, match="another grid of frequencies"):
         hf_spectral.hotswap_adapter(model, str(tmp_path / "other_grid"), adapter_name="default")
     torch.testing.assert_close(logits_of(model, INPUTS), before)
