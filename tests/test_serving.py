@@ -88,6 +88,17 @@ def test_a_block_adapter_converts_exactly_at_the_rank_of_its_block(layout):
     assert lora_update_error(spectral, state)["relative_error"] > 1e-3  # the block's rank is all of it
 
 
+def test_a_sparse_grid_adapter_converts_exactly_at_its_grid_rank():
+    factory, targets = MODELS["llama-linear"]
+    config = SpectralConfig(n_coefficients=12, layout="sparse_grid", grid_rank=4, target_modules=targets,
+                            init_weights=False, seed=1)
+    spectral = get_peft_model(factory(seed=0), config).eval()
+    _, state = convert_to_lora(spectral, 4)
+    assert lora_update_error(spectral, state)["relative_error"] < 1e-5
+    _, state = convert_to_lora(spectral, 2)
+    assert lora_update_error(spectral, state)["relative_error"] > 1e-3
+
+
 def test_a_rank_above_the_layer_size_names_the_limit():
     _, spectral = _spectral("gpt2-conv1d")
     with pytest.raises(ValueError, match="larger than the weight shape"):

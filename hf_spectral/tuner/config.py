@@ -13,6 +13,9 @@ from ..transforms.bases import BASES
 from ..transforms.layouts import ALL_LAYOUTS, CALIBRATED_LAYOUTS, check_budget, resolve_budget
 
 MODES = ("delta", "replace")
+# the layout a config without one gets: in delta mode the one that adapted best at LoRA's step cost, in replace mode
+# one that can hold a full-rank weight
+DEFAULT_LAYOUTS = {"delta": "sparse_grid", "replace": "random"}
 INIT_CHOICES = (True, False, "project", "random")
 
 # Budgets used when neither n_coefficients nor coefficient_fraction is given.
@@ -40,12 +43,12 @@ class SpectralConfig(PeftConfig):
             delta mode takes n_coefficients = 1000 and replace mode coefficient_fraction = 0.5.
         budget_pattern (`dict`): per-module budgets by name pattern, like LoRA's ``rank_pattern``:
             ``{"c_fc": 4000, r"h\\.0\\..*": 0.25}``; an int is a count, a float a fraction.
-        layout (`str`): which coefficients are kept: ``"random"`` (default, seeded; can represent
-            full-rank updates), ``"lowfreq"`` (top-left block; rank <= block size, fastest forward),
+        layout (`str`, optional): which coefficients are kept: ``"sparse_grid"`` (delta mode's default: K
+            random cells of ``grid_rank`` random frequency rows x as many columns; spread over the spectrum,
+            rank <= grid_rank, run as LoRA at that rank), ``"random"`` (replace mode's default, seeded; can
+            represent full-rank matrices), ``"lowfreq"`` (top-left block; rank <= block size, fastest forward),
             ``"grid"`` (every coefficient of p random frequency rows x q random columns: spread over the
             spectrum, and run as a rank <= min(p, q) product with fixed basis rows, at lowfreq's cost),
-            ``"sparse_grid"`` (K random cells of ``grid_rank`` random frequency rows x as many columns: spread,
-            rank <= grid_rank, run as LoRA at that rank),
             ``"triangle"`` (lowest frequencies in zigzag order), ``"energy"`` (largest |DCT| of the existing
             weight), ``"banded"`` (rings by frequency, half by energy and half at random per ring),
             ``"gradient"`` (delta mode: largest |DCT| of the loss gradient on calibration batches; chosen by
@@ -99,7 +102,9 @@ class SpectralConfig(PeftConfig):
     n_coefficients: Optional[int] = field(default=None, metadata={"help": "K per layer."})
     coefficient_fraction: Optional[float] = field(default=None, metadata={"help": "K as a fraction of m * n."})
     budget_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module budgets by pattern."})
-    layout: str = field(default="random", metadata={"help": f"Index set, one of {ALL_LAYOUTS}."})
+    layout: Optional[str] = field(
+        default=None, metadata={"help": f"Index set, one of {ALL_LAYOUTS}; None: {DEFAULT_LAYOUTS} by mode."}
+    )
     basis: str = field(default="dct", metadata={"help": f"One of {BASES}."})
     scaling: float = field(default=10.0, metadata={"help": "Delta mode: multiplier of the update."})
     seed: int = field(default=0, metadata={"help": "Seed of random layouts and bases."})
@@ -158,6 +163,8 @@ class SpectralConfig(PeftConfig):
         self.layer_shapes = dict(self.layer_shapes or {})
         self.fingerprints = dict(self.fingerprints or {})
         self._check_choice("mode", self.mode, MODES)
+        if self.layout is None:
+            self.layout = DEFAULT_LAYOUTS[self.mode]
         self._check_choice("layout", self.layout, ALL_LAYOUTS)
         if self.layout in CALIBRATED_LAYOUTS and self.mode != "delta":
             raise ValueError(

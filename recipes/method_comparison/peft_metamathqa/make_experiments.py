@@ -25,7 +25,7 @@ TARGETS = ["q_proj", "v_proj"]
 # Learning rates from the classification sweep (recipes/finetune/results/cls_gpu_h100): spectral random's best rate
 # was 1e-3 at K = 1000 and 3e-4 at K = 5000 (scaling 10). A starting point for MetaMathQA, not a measured best there.
 LEARNING_RATES = {1000: 1e-3, 5000: 3e-4}
-LAYOUTS = ("random", "grid", "lowfreq", "banded", "gradient")
+LAYOUTS = ("sparse_grid", "random", "grid", "lowfreq", "banded", "gradient")
 
 
 def experiments() -> dict[str, tuple[SpectralConfig, dict]]:
