@@ -17,7 +17,10 @@ INPUTS = example_inputs("llama")
 
 def save_adapter(path, seed: int, **fields):
     torch.manual_seed(100 + seed)
-    config = SpectralConfig(init_weights=False, seed=seed, **{"target_modules": TARGETS, "n_coefficients": 40, **fields})
+    # random positions by default: what these tests swap is scattered index sets of other seeds and budgets
+    config = SpectralConfig(
+        init_weights=False, seed=seed, **{"target_modules": TARGETS, "n_coefficients": 40, "layout": "random", **fields}
+    )
     model = get_peft_model(make_llama(), config)
     model.save_pretrained(path)
     return logits_of(model.eval(), INPUTS)
@@ -108,6 +111,14 @@ def test_a_grid_swaps_only_into_the_same_grid(tmp_path, layout):
     torch.testing.assert_close(logits_of(model, INPUTS), before)
     hf_spectral.hotswap_adapter(model, str(tmp_path / "same_grid"), adapter_name="default")
     torch.testing.assert_close(logits_of(model, INPUTS), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sparse_grid_is_not_padded_for_compiled_hotswap(tmp_path):
+    save_adapter(tmp_path / "a", 0, layout="sparse_grid", n_coefficients=25)
+    model = loaded(tmp_path / "a")
+    with pytest.raises(ValueError, match="is a sparse grid .* not padded to 40.*layout='random'"):
+        hf_spectral.prepare_model_for_compiled_hotswap(model, target_n_coefficients=40)
+    hf_spectral.prepare_model_for_compiled_hotswap(model, target_n_coefficients=25)  # the held budget: nothing to pad
 
 
 @pytest.mark.parametrize("path", ["spectral", "sampled"])  # the paths that read sparse patterns of the index set

@@ -179,6 +179,13 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_n_coefficient
             target = min(target_n_coefficients, space.m * space.n)
             if target <= space.k:
                 continue
+            if space.grid is not None:
+                raise ValueError(
+                    f"Layer {name!r}, adapter {adapter!r} is a sparse grid ({space.k} coefficients); its positions sit on "
+                    f"rows and columns drawn for that budget, so it is not padded to {target}: hotswap sparse-grid "
+                    "adapters of the same seed, grid_rank and budget (leave target_n_coefficients at the held budget), "
+                    "or train the adapters with layout='random' to swap other budgets."
+                )
             held = layer.spectral_coefficients[adapter]
             values = torch.cat([held.detach(), held.new_zeros(target - space.k)])
             positions = space.indices.to(torch.int64)

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+import hf_spectral  # noqa: E402
 from hf_spectral import SpectralConfig  # noqa: E402
 
 CONFIGS = {
@@ -128,6 +129,9 @@ def run_mode(mode: str, out: str, rank: int, world: int) -> dict:
     dist.barrier()
 
     restored = build(mode, seed=1)  # other initial values, so a load that does nothing shows
+    # the evaluation cache holds the dense weight the dense path reads (a lowfreq block would take the cheaper
+    # factored path, which caches nothing): force dense so the check below sees a cache to drop
+    hf_spectral.set_compute_path(restored, "dense")
     shard(restored)
     mismatch_before_load = (logits(restored, ids) - logits(model, ids)).abs().max().item()
     cached_before = [m for m in restored.modules() if getattr(m, "_weight_cache", None) is not None]
