@@ -104,11 +104,12 @@ def run_path(
         return y.view(*shape[:-1], space.m)
     if path == "factored":
         shape = x.shape
-        base = None if base_weight is None else F.linear(x, orient(base_weight, fan_in_fan_out).to(x.dtype), bias)
-        base_2d = None if base is None else base.view(-1, space.m)
-        y = _factored(x.reshape(-1, shape[-1]), values, space, scaling, base_2d if base_2d is not None else bias)
+        add = bias  # what joins the update in its last product: W0 x + b, or b alone
+        if base_weight is not None:
+            add = F.linear(x, orient(base_weight, fan_in_fan_out).to(x.dtype), bias).view(-1, space.m)
+        y = _factored(x.reshape(-1, shape[-1]), values, space, scaling, add)
         return y.view(*shape[:-1], space.m)
-    update = _activation_update(path, x, values, space)
+    update = _spectral_block_update(x, values, space)
     if scaling != 1.0:
         update = update * scaling
     if base_weight is None:
@@ -133,7 +134,7 @@ def _factored(x_2d: torch.Tensor, values: torch.Tensor, space, scaling: float, a
     return inner @ outer if add is None else torch.addmm(add, inner, outer)
 
 
-def _activation_update(path: str, x: torch.Tensor, values: torch.Tensor, space) -> torch.Tensor:
+def _spectral_block_update(x: torch.Tensor, values: torch.Tensor, space) -> torch.Tensor:
     """``x W_S^T`` for a top-left block without building W_S, by FFT transforms (the ``spectral`` path)."""
     shape = x.shape
     x_2d = x.reshape(-1, shape[-1])
