@@ -119,6 +119,15 @@ def test_a_sparse_grid_is_not_padded_for_compiled_hotswap(tmp_path):
     with pytest.raises(ValueError, match="is a sparse grid .* not padded to 40.*layout='random'"):
         hf_spectral.prepare_model_for_compiled_hotswap(model, target_n_coefficients=40)
     hf_spectral.prepare_model_for_compiled_hotswap(model, target_n_coefficients=25)  # the held budget: nothing to pad
+    # after a random adapter that could be padded, the refusal still leaves every layer as it was
+    save_adapter(tmp_path / "r", 1, n_coefficients=25)
+    model = loaded(tmp_path / "r")
+    model.load_adapter(str(tmp_path / "a"), adapter_name="s")
+    before = {name: t.clone() for name, t in tensors_of(model).items()}
+    with pytest.raises(ValueError, match="is a sparse grid"):
+        hf_spectral.prepare_model_for_compiled_hotswap(model, target_n_coefficients=40)
+    after = tensors_of(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
 @pytest.mark.parametrize("path", ["spectral", "sampled"])  # the paths that read sparse patterns of the index set

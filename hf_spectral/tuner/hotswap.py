@@ -168,6 +168,8 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_n_coefficient
         warnings.warn(message, stacklevel=2)
     if isinstance(target_n_coefficients, bool) or not isinstance(target_n_coefficients, int) or target_n_coefficients < 1:
         raise ValueError(f"target_n_coefficients={target_n_coefficients!r} must be a positive integer.")
+    # every layer is checked before any is padded, so a refusal leaves the model as it was
+    to_pad = []
     for name, layer in spectral_layers(model):
         for adapter in list(layer.spectral_coefficients):
             space = layer.coefficient_space(adapter)
@@ -186,17 +188,19 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_n_coefficient
                     "adapters of the same seed, grid_rank and budget (leave target_n_coefficients at the held budget), "
                     "or train the adapters with layout='random' to swap other budgets."
                 )
-            held = layer.spectral_coefficients[adapter]
-            values = torch.cat([held.detach(), held.new_zeros(target - space.k)])
-            positions = space.indices.to(torch.int64)
-            padded = _pad(positions, target, space.m * space.n)
-            order = torch.argsort(padded)
-            layer.spectral_coefficients[adapter] = nn.Parameter(values[order], requires_grad=held.requires_grad)
-            buffers = layer.spectral_indices if adapter in layer.spectral_indices else layer.spectral_fixed_indices
-            buffers[adapter] = padded[order].to(space.indices.dtype)
-            layer._spaces.pop(adapter, None)
-            layer._path_memo.clear()
-            layer.drop_weight_cache()
+            to_pad.append((layer, adapter, space, target))
+    for layer, adapter, space, target in to_pad:
+        held = layer.spectral_coefficients[adapter]
+        values = torch.cat([held.detach(), held.new_zeros(target - space.k)])
+        positions = space.indices.to(torch.int64)
+        padded = _pad(positions, target, space.m * space.n)
+        order = torch.argsort(padded)
+        layer.spectral_coefficients[adapter] = nn.Parameter(values[order], requires_grad=held.requires_grad)
+        buffers = layer.spectral_indices if adapter in layer.spectral_indices else layer.spectral_fixed_indices
+        buffers[adapter] = padded[order].to(space.indices.dtype)
+        layer._spaces.pop(adapter, None)
+        layer._path_memo.clear()
+        layer.drop_weight_cache()
 
 
 def _refresh_in_place(layer, adapter: str) -> None:
