@@ -11,6 +11,7 @@ from hf_spectral.mixing import (
     SpectralMixer,
     SpectralMixingConfig,
     causal_mix,
+    causal_read,
     from_pretrained,
     mixer_parameter_count,
     replace_attention,
@@ -46,6 +47,31 @@ def test_fft_mix_equals_the_recurrence(with_state):
     u, log_a, state = random_mix_inputs()
     state = state if with_state else None
     torch.testing.assert_close(causal_mix(u, log_a, state), scan(u, log_a, state), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 2, 37])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_the_read_equals_the_real_part_of_the_phased_recurrence_with_its_gradients(length, with_state):
+    """causal_read (real FFTs, gain folded into the kernel) against the recurrence: values, last state, gradients."""
+    u, log_a, state = random_mix_inputs(length=length)
+    state = state if with_state else None
+    g = torch.Generator().manual_seed(3)
+    gain = torch.complex(torch.rand(5, generator=g), torch.randn(5, generator=g)).requires_grad_()
+    real, imag = u.real.clone().requires_grad_(), u.imag.clone().requires_grad_()
+    log_a = log_a.detach().requires_grad_()
+    weights = torch.randn(2, length, 5, generator=g)
+
+    read, last = causal_read(real, imag, log_a, gain, state, keep_state=True)
+    reference_x = scan(torch.complex(real, imag), log_a, state)
+    reference = (gain * reference_x).real
+    torch.testing.assert_close(read, reference, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(last, reference_x[:, -1], atol=2e-5, rtol=1e-5)
+    assert causal_read(real, imag, log_a, gain, state)[1] is None  # no state asked for, none computed
+
+    grads = torch.autograd.grad((read * weights).sum(), (real, imag, log_a, gain), materialize_grads=True)
+    expected = torch.autograd.grad((reference * weights).sum(), (real, imag, log_a, gain), materialize_grads=True)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_mix_is_causal_and_splits_into_prefix_plus_carried_state():

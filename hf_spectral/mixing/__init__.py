@@ -19,6 +19,7 @@ import importlib
 # public name -> the module that defines it
 _LAZY_NAMES = {
     "causal_mix": ".atoms",
+    "causal_read": ".atoms",
     "scan": ".atoms",
     "SpectralStateLayer": ".cache",
     "SpectralMixingConfig": ".config",

@@ -57,6 +57,43 @@ def causal_mix(u: torch.Tensor, log_a: torch.Tensor, state: torch.Tensor | None 
     return x
 
 
+def causal_read(
+    real: torch.Tensor, imag: torch.Tensor, log_a: torch.Tensor, gain: torch.Tensor,
+    state: torch.Tensor | None = None, keep_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the mixer reads: r_t = Re(gain * x_t) for x = causal_mix(real + i imag, log_a, state), (B, T, K) real.
+
+    The same numbers as taking ``causal_mix`` and then the real part, at about half the cost: gain (one complex
+    number per atom) is folded into the kernel, and the real part of a convolution of a complex kernel k with a
+    complex input u is ``Re(k) * real - Im(k) * imag``, two real convolutions, so the FFTs are real ones and
+    nothing of size B x T x K is complex. The FFTs run over the last dimension of (B, K, T) copies (contiguous
+    transforms). Returns (r, x_{T-1}); x_{T-1} (B, K) complex, the decoding state, only if ``keep_state``.
+    """
+    batch, length, atoms = real.shape
+    if log_a.shape != (atoms,) or gain.shape != (atoms,):
+        raise ValueError(f"log_a {tuple(log_a.shape)} and gain {tuple(gain.shape)} must both be ({atoms},), one per atom")
+    if length == 1:  # one decoding step: x = u + a state
+        x = torch.complex(real, imag)
+        if state is not None:
+            x = x + torch.exp(log_a).to(torch.complex64) * state[:, None, :]
+        return (gain * x).real, (x[:, -1] if keep_state else None)
+    powers = kernel(log_a, length)  # a^tau, (T, K)
+    weighted = (powers * gain).T  # (K, T)
+    n = _fft_size(length)
+    spectrum = (torch.fft.rfft(real.transpose(1, 2), n=n) * torch.fft.rfft(weighted.real, n=n)
+                - torch.fft.rfft(imag.transpose(1, 2), n=n) * torch.fft.rfft(weighted.imag, n=n))
+    read = torch.fft.irfft(spectrum, n=n)[..., :length].transpose(1, 2)
+    last = None
+    if state is not None:  # what the carried state adds: Re(gain a^(t+1) state)
+        read = read + (kernel(log_a, length, offset=1) * gain)[None].mul(state[:, None, :]).real
+    if keep_state:  # x_{T-1} = sum_s a^(T-1-s) u_s + a^T state
+        flipped = powers.flip(0)
+        last = torch.complex((real * flipped.real - imag * flipped.imag).sum(1), (real * flipped.imag + imag * flipped.real).sum(1))
+        if state is not None:
+            last = last + kernel(log_a, 1, offset=length)[0] * state
+    return read, last
+
+
 def scan(u: torch.Tensor, log_a: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
     """The same x by the sequential recurrence x_t = a x_{t-1} + u_t (the reference; O(T) steps)."""
     a = torch.exp(log_a).to(torch.complex64)

@@ -109,21 +109,26 @@ class SpectralMixer(nn.Module):
         with torch.autocast(hidden_states.device.type, enabled=False):
             log_a = atoms.log_step(self.omega, self.log_decay)
             k = self.n_atoms
-            u = torch.complex(written[..., :k].float(), written[..., k:].float()) * atoms.input_scale(self.log_decay)
+            real, imag = written[..., :k].float(), written[..., k:].float()
             if valid is not None:
-                u = u * valid[..., None]
+                real, imag = real * valid[..., None], imag * valid[..., None]
             state = slot.state if slot is not None else None
             if state is not None and state.shape[0] != batch:
                 raise ValueError(
                     f"the cached mixer state has batch {state.shape[0]}, the input batch {batch}: reorder or reset the cache"
                 )
-            mixed = atoms.causal_mix(u, log_a, state)
-            read = (mixed * torch.polar(torch.ones_like(self.phase.float()), self.phase.float())).real
+            # u = (real + i imag) * scale and r = Re(e^{i phase} x): both per-atom factors join one gain, which
+            # causal_read folds into its kernel; the cached state is x of the scaled u, as the recurrence defines it
+            scale = atoms.input_scale(self.log_decay)
+            gain = scale * torch.polar(torch.ones_like(self.phase.float()), self.phase.float())
+            read, last = atoms.causal_read(
+                real, imag, log_a, gain, None if state is None else state / scale, keep_state=slot is not None
+            )
             coefficients = _GATES[self.mixing_config.gate](pre_coefficients.float())
             synthesis = self.out_proj(self.mix_dropout(coefficients * read).to(hidden_states.dtype))
             output = self.output_dropout(synthesis)
         if slot is not None:
-            slot.store(mixed[:, -1], length)
+            slot.store(last * scale, length)
         self._auxiliary_terms(hidden_states, synthesis, coefficients, valid)
         return output, None
 
