@@ -26,7 +26,8 @@ With K = mn this is AdamW on W, step for step.
 
 Costs per spectral layer and step: two inverse transforms (the gradient and the first moment)
 and one forward transform. Layers whose coefficient spaces share a shape (all q_proj layers, ...)
-step together, each map one batched transform over an L x m x n tensor, and the rest of the step
+step together: both lifts of the L layers run as one batched transform over a 2L x m x n tensor,
+the projection as one over L x m x n, and the rest of the step
 runs as ``torch._foreach`` operations over the bunch (plain AdamW parameters too). Every layout (block and scattered) and both bases are supported.
 Parameters that are not spectral coefficients (embeddings, norms, biases, a dense head) get
 plain AdamW from the same optimiser.
@@ -73,7 +74,7 @@ __all__ = [
 ]
 
 MOMENTS = ("weight", "factored", "coefficient")
-_BATCH_ELEMENTS = 1 << 24  # numbers in one batched L x m x n buffer of a step (64 MiB in float32)
+_BATCH_ELEMENTS = 1 << 24  # numbers in one batched 2L x m x n buffer of a step (64 MiB in float32)
 
 
 class CoefficientProjector:
@@ -207,8 +208,8 @@ class SpectralAdamW(torch.optim.Optimizer):
                 elif key[0] == "sharded":
                     self._sharded_step(group, *members[0], group["moments"])
                 else:
-                    # a few L x m x n buffers per bunch: at most _BATCH_ELEMENTS numbers each
-                    per_chunk = max(1, _BATCH_ELEMENTS // (members[0][1].m * members[0][1].n))
+                    # a few 2L x m x n buffers per bunch: at most _BATCH_ELEMENTS numbers each
+                    per_chunk = max(1, _BATCH_ELEMENTS // (2 * members[0][1].m * members[0][1].n))
                     for start in range(0, len(members), per_chunk):
                         self._spectral_step(group, members[start : start + per_chunk], key[0], key[3], key[4][-1])
         return loss
@@ -257,7 +258,8 @@ class SpectralAdamW(torch.optim.Optimizer):
         if wd != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        lifted = group_to_matrix(spaces, grads, method)  # L x m x n
+        # the gradients and the first moments lifted by one batched map (2L x m x n): one pass, not two
+        lifted, lifted_avgs = group_to_matrix(spaces + spaces, grads + exp_avgs, method).split(len(params))
         if moments == "weight":
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
             lifted_each = list(lifted.unbind(0))
@@ -274,7 +276,7 @@ class SpectralAdamW(torch.optim.Optimizer):
             # rank-1 estimate of each m x n second moment: r_i c_j / mean(r) (Adafactor)
             denom = row[:, :, None] * col[:, None, :] / (row.mean(dim=1).clamp_min(1e-30)[:, None, None] * correction2)
         del lifted
-        direction = group_to_matrix(spaces, exp_avgs, method).div_(denom.sqrt_().add_(eps))
+        direction = lifted_avgs.div_(denom.sqrt_().add_(eps))
         torch._foreach_add_(params, group_from_matrix(spaces, direction, method), alpha=-lr / correction1)
 
     def _sharded_step(self, group, param, projector, moments: str) -> None:
