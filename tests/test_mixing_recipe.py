@@ -11,7 +11,7 @@ from tiny_models import VOCAB, make_gpt2
 from transformers import Trainer, TrainingArguments
 
 from hf_spectral.mixing import SpectralMixingConfig, replace_attention
-from recipes.spectral_mixing import bench, compare, train
+from recipes.spectral_mixing import bench, compare, throughput, train
 from recipes.spectral_mixing.data import load
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "recipes" / "spectral_mixing" / "configs" / "smoke.yaml")
@@ -184,6 +184,21 @@ def test_bench_runs_end_to_end(tmp_path):
     assert (tmp_path / "bench.png").is_file()
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert set(saved["train"]) == {"attention", "mixer"} and saved["summary"] == results["summary"]
+
+
+def test_throughput_alternates_the_fair_profiles_arms_at_equal_tokens_and_records_each_step(tmp_path):
+    out = tmp_path / "throughput.json"
+    results = throughput.main(["--contexts", "32", "64", "--tokens", "128", "--repeats", "2", "--threads", "1",
+                               "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    for row, context in zip(results["rows"], (32, 64), strict=True):
+        assert (row["context"], row["batch"], row["tokens"], row["threads"]) == (context, 128 // context, 128, 1)
+        assert all(len(row["seconds"][arm]) == 2 for arm in throughput.ARMS)
+        assert row["mixer_throughput_vs_attention"] == pytest.approx(
+            statistics.median(row["seconds"]["attention"]) / statistics.median(row["seconds"]["mixer"]))
+    step = throughput.step_function("mixer", 32, 2)
+    step()  # the mixer arm is the fair profile's: its attention is replaced
+    assert any(getattr(m, "is_spectral_mixer", False) for m in step.model.modules())
 
 
 @pytest.mark.slow
