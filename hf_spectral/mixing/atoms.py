@@ -57,6 +57,42 @@ def causal_mix(u: torch.Tensor, log_a: torch.Tensor, state: torch.Tensor | None 
     return x
 
 
+class _RealCausalConvolution(torch.autograd.Function):
+    """r[t] = sum_{s <= t} k_re[t-s] re[s] - k_im[t-s] im[s] over the last dimension: inputs (B, K, T), kernel
+    parts (K, T), by real FFTs of length n >= 2T - 1.
+
+    Its backward is written out as real FFTs too: the gradients are the same convolutions run backwards
+    (correlations, a product with the conjugate spectrum), from the spectra the forward kept. Autograd's own
+    backward of ``rfft`` would run a full-length complex FFT per input.
+    """
+
+    @staticmethod
+    def forward(ctx, re, im, k_re, k_im, n):
+        re_spectrum, im_spectrum = torch.fft.rfft(re, n=n), torch.fft.rfft(im, n=n)
+        k_re_spectrum, k_im_spectrum = torch.fft.rfft(k_re, n=n), torch.fft.rfft(k_im, n=n)
+        ctx.save_for_backward(re_spectrum, im_spectrum, k_re_spectrum, k_im_spectrum)
+        ctx.n = n
+        return torch.fft.irfft(re_spectrum * k_re_spectrum - im_spectrum * k_im_spectrum, n=n)[..., : re.shape[-1]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        re_spectrum, im_spectrum, k_re_spectrum, k_im_spectrum = ctx.saved_tensors
+        n, length = ctx.n, grad.shape[-1]
+        # n >= 2T - 1: a lag t - s < 0 wraps to >= T, where the zero-padded factor is 0, so these are exact
+        g = torch.fft.rfft(grad, n=n)
+        needs = ctx.needs_input_grad
+        grads = [None] * 5
+        if needs[0]:  # d/d re[s] = sum_{t >= s} grad[t] k_re[t-s]
+            grads[0] = torch.fft.irfft(g * k_re_spectrum.conj(), n=n)[..., :length]
+        if needs[1]:
+            grads[1] = torch.fft.irfft(g * k_im_spectrum.conj(), n=n)[..., :length].neg_()
+        if needs[2]:  # d/d k_re[tau] = sum_{b, t} grad[b, t] re[b, t - tau]
+            grads[2] = torch.fft.irfft((g * re_spectrum.conj()).sum(0), n=n)[..., :length]
+        if needs[3]:
+            grads[3] = torch.fft.irfft((g * im_spectrum.conj()).sum(0), n=n)[..., :length].neg_()
+        return tuple(grads)
+
+
 def causal_read(
     real: torch.Tensor, imag: torch.Tensor, log_a: torch.Tensor, gain: torch.Tensor,
     state: torch.Tensor | None = None, keep_state: bool = False,
@@ -65,9 +101,9 @@ def causal_read(
 
     The same numbers as taking ``causal_mix`` and then the real part, at about half the cost: gain (one complex
     number per atom) is folded into the kernel, and the real part of a convolution of a complex kernel k with a
-    complex input u is ``Re(k) * real - Im(k) * imag``, two real convolutions, so the FFTs are real ones and
-    nothing of size B x T x K is complex. The FFTs run over the last dimension of (B, K, T) copies (contiguous
-    transforms). Returns (r, x_{T-1}); x_{T-1} (B, K) complex, the decoding state, only if ``keep_state``.
+    complex input u is ``Re(k) * real - Im(k) * imag``, two real convolutions, so the FFTs are real ones (in
+    the backward as well) and nothing of size B x T x K is complex. The FFTs run over the last dimension of
+    (B, K, T) views. Returns (r, x_{T-1}); x_{T-1} (B, K) complex, the decoding state, only if ``keep_state``.
     """
     batch, length, atoms = real.shape
     if log_a.shape != (atoms,) or gain.shape != (atoms,):
@@ -79,10 +115,9 @@ def causal_read(
         return (gain * x).real, (x[:, -1] if keep_state else None)
     powers = kernel(log_a, length)  # a^tau, (T, K)
     weighted = (powers * gain).T  # (K, T)
-    n = _fft_size(length)
-    spectrum = (torch.fft.rfft(real.transpose(1, 2), n=n) * torch.fft.rfft(weighted.real, n=n)
-                - torch.fft.rfft(imag.transpose(1, 2), n=n) * torch.fft.rfft(weighted.imag, n=n))
-    read = torch.fft.irfft(spectrum, n=n)[..., :length].transpose(1, 2)
+    read = _RealCausalConvolution.apply(
+        real.transpose(1, 2), imag.transpose(1, 2), weighted.real, weighted.imag, _fft_size(length)
+    ).transpose(1, 2)
     last = None
     if state is not None:  # what the carried state adds: Re(gain a^(t+1) state)
         read = read + (kernel(log_a, length, offset=1) * gain)[None].mul(state[:, None, :]).real
