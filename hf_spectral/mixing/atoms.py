@@ -122,8 +122,7 @@ def causal_read(
     if state is not None:  # what the carried state adds: Re(gain a^(t+1) state)
         read = read + (kernel(log_a, length, offset=1) * gain)[None].mul(state[:, None, :]).real
     if keep_state:  # x_{T-1} = sum_s a^(T-1-s) u_s + a^T state
-        flipped = powers.flip(0)
-        last = torch.complex((real * flipped.real - imag * flipped.imag).sum(1), (real * flipped.imag + imag * flipped.real).sum(1))
+        last = (torch.complex(real, imag) * powers.flip(0)).sum(1)
         if state is not None:
             last = last + kernel(log_a, 1, offset=length)[0] * state
     return read, last
