@@ -1,5 +1,6 @@
 """recipes/common: the one override parser, profiles, run records, the hardware line, stable rank, the progress bar."""
 
+import argparse
 import math
 import types
 from pathlib import Path
@@ -17,6 +18,7 @@ from recipes.common import (
     load_profile,
     markdown_table,
     mean_std,
+    parse_args_with_overrides,
     parse_overrides,
     parse_value,
     read_record,
@@ -258,3 +260,33 @@ def test_quiet_trainer_prints_no_log_dicts_and_shows_one_bar(tmp_path, capsys):
         assert "{'loss'" not in out.out + out.err and "'train_runtime'" not in out.out + out.err
         assert ("arm: 100%" in out.err) is not disable
         assert len([e for e in trainer.state.log_history if "loss" in e]) == 3  # the logs are still kept
+
+
+def test_overrides_after_an_option_of_many_values_stay_overrides(monkeypatch):
+    """``--learning-rates 8e-3 4e-3 max_steps=1500`` once failed: argparse handed max_steps=1500 to the option."""
+    from recipes.spectral_mixing import sweep
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("profile")
+    parser.add_argument("--learning-rates", type=float, nargs="*")
+    parser.add_argument("--arms", nargs="*")
+    parser.add_argument("overrides", nargs="*")
+    for argv in (
+        ["p.yaml", "--learning-rates", "8e-3", "4e-3", "max_steps=1500", "--arms", "mixer", "runs_dir=r"],
+        ["p.yaml", "max_steps=1500", "runs_dir=r", "--arms", "mixer", "--learning-rates", "8e-3", "4e-3"],
+        ["max_steps=1500", "p.yaml", "--arms", "mixer", "runs_dir=r", "--learning-rates", "8e-3", "4e-3"],
+    ):
+        args = parse_args_with_overrides(parser, argv)
+        assert args.profile == "p.yaml" and args.arms == ["mixer"] and args.learning_rates == [8e-3, 4e-3]
+        assert args.overrides == ["max_steps=1500", "runs_dir=r"]
+    with pytest.raises(SystemExit):  # an unknown option is an error, not an override
+        parse_args_with_overrides(parser, ["p.yaml", "--max-steps", "3"])
+    # the mixer sweep hands both the rates and the overrides to every run
+    started = []
+    monkeypatch.setattr(sweep, "run", started.append)
+    profile = str(REPO / "recipes" / "spectral_mixing" / "configs" / "fair.yaml")
+    sweep.main([profile, "--seeds", "1", "--arms", "mixer", "--learning-rates", "8e-3", "4e-3", "max_steps=1500"])
+    assert [(s.arm, s.learning_rate, s.seed, s.max_steps) for s in started] == [
+        ("mixer", 8e-3, 1, 1500),
+        ("mixer", 4e-3, 1, 1500),
+    ]

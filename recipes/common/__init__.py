@@ -4,7 +4,8 @@
 ``profiles``           ``load_profile(path)`` (YAML: ``name``, ``defaults``, ``arms``), ``arm_settings(profile,
                        arm)`` (defaults, then the arm's keys), ``parse_overrides(["k=v", ...])`` and
                        ``parse_value(text)``: the one ``key=value`` parser (``no`` stays ``"no"``, ``1e-3`` is a
-                       float; the rules are pinned by ``tests/test_recipes_common.py``)
+                       float; the rules are pinned by ``tests/test_recipes_common.py``);
+                       ``parse_args_with_overrides(parser, argv)``: key=value items anywhere on a command line
 ``records``            ``write_record(folder, record)`` (atomic ``run.json``), ``read_record(folder)``,
                        ``is_finished(folder)`` (a record that does not say ``"finished": false``),
                        ``find_records(root, pattern)``
@@ -39,6 +40,7 @@ _HOMES = {
     "RecipeLoader": "profiles",
     "arm_settings": "profiles",
     "load_profile": "profiles",
+    "parse_args_with_overrides": "profiles",
     "parse_overrides": "profiles",
     "parse_value": "profiles",
     "ProgressBar": "progress",

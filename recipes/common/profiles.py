@@ -18,8 +18,10 @@ what it says:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,22 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             raise ValueError(f"override {item!r} must look like key=value, e.g. max_steps=100.")
         overrides[key.strip()] = parse_value(value)
     return overrides
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser``'s arguments, with every ``key=value`` item of ``argv`` in ``args.overrides`` wherever it stands.
+
+    argparse alone lets an option of many values (``--learning-rates 8e-3 4e-3 max_steps=1500``) swallow the
+    overrides after it; here they are taken out first, so they may come before, between or after the options.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [item for item in argv if _OVERRIDE.match(item)]
+    args = parser.parse_intermixed_args([item for item in argv if not _OVERRIDE.match(item)])
+    args.overrides = list(getattr(args, "overrides", None) or []) + overrides
+    return args
 
 
 def read_yaml(path: str | Path) -> Any:

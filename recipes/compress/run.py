@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes.common import quiet_loading
 from recipes.common.machine import cpu_name
-from recipes.common.profiles import parse_overrides, read_yaml
+from recipes.common.profiles import parse_args_with_overrides, parse_overrides, read_yaml
 from recipes.finetune.data import resolve_model
 
 from .evaluate import evenly_spaced, held_out, resolve_data, text_blocks
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--stage", default="all", choices=("all", "compress", "heal", "audit"))
     parser.add_argument("--only", default="", help="comma-separated method names: run only these (compress stage)")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     quiet_loading()
     profile = load_profile(args.profile, args.overrides)
     torch.manual_seed(0)

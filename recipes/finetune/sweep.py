@@ -157,12 +157,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fresh_process", action="store_true",
                         help="Each run in a new process (clean per-run peak memory; costs the start-up each time).")
     parser.add_argument("overrides", nargs="*", help="key=value settings over every arm's.")
-    args = parser.parse_intermixed_args(argv)
-    # "--arms a b key=value" would swallow the overrides: hand key=value items back
-    args.overrides += [a for a in args.arms or [] if "=" in a]
-    args.arms = [a for a in args.arms or [] if "=" not in a]
+    from ..common import parse_args_with_overrides, parse_overrides
 
-    from ..common import parse_overrides
+    args = parse_args_with_overrides(parser, argv)  # "--arms a b key=value" keeps key=value an override
 
     profile = load_profile(args.profile)
     overrides = parse_overrides(args.overrides)

@@ -70,6 +70,7 @@ from ..common import (
     hardware,
     load_profile,
     parameter_counts,
+    parse_args_with_overrides,
     parse_overrides,
     quiet,
     quiet_loading,
@@ -582,7 +583,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--lr", type=float, help="Learning rate (default: the arm's first lr in the profile).")
     parser.add_argument("--overwrite", action="store_true", help="Run again even if run.json exists.")
     parser.add_argument("overrides", nargs="*", help="key=value settings over the profile's.")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     quiet_loading()
     settings = arm_settings(load_profile(args.profile), args.arm)
     settings.update(parse_overrides(args.overrides))

@@ -59,6 +59,7 @@ from ..common import (
     hardware,
     is_finished,
     load_profile,
+    parse_args_with_overrides,
     parse_overrides,
     quiet,
     read_record,
@@ -539,7 +540,7 @@ def main(argv=None) -> None:
     parser.add_argument("--arm", required=True, help="an arm of the profile")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="key=value settings that win over the profile")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     result = train(run_settings(load_profile(args.profile), args.arm, args.seed, args.overrides))
     if result is not None:
         print(

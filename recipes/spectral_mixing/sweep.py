@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from recipes.common.profiles import load_profile
+from recipes.common.profiles import load_profile, parse_args_with_overrides
 
 from .train import load_settings, run
 
@@ -32,8 +32,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="*", help="default: the profile's seeds")
     parser.add_argument("--arms", nargs="*", help="default: every arm of the profile")
     parser.add_argument("--learning-rates", type=float, nargs="*", help="default: the profile's learning_rates")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args(argv)  # key=value may come before or after the options
+    parser.add_argument("overrides", nargs="*", help="key=value settings over every run's, anywhere on the line")
+    args = parse_args_with_overrides(parser, argv)
     for arm, rate, seed in plan(args.profile, args.seeds, args.arms, args.learning_rates):
         overrides = list(args.overrides) + ([] if rate is None else [f"learning_rate={rate}"])
         run(load_settings(args.profile, arm, seed, overrides))

@@ -33,7 +33,7 @@ import hf_spectral  # noqa: F401  (registers the spectral PEFT method)
 from hf_spectral import SpectralConfig
 from hf_spectral.mixing import SpectralMixingConfig, parameter_counts, replace_attention
 from hf_spectral.optim import create_optimizer
-from recipes.common.profiles import load_profile, parse_overrides
+from recipes.common.profiles import load_profile, parse_args_with_overrides, parse_overrides
 
 from .data import load
 
@@ -250,12 +250,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--arm", default="mixer", choices=ARMS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="key=value settings that win over the profile")
-    args, extra = parser.parse_known_args(argv)
-    overrides = list(args.overrides) + extra
-    if args.profile and "=" in args.profile:
-        overrides.insert(0, args.profile)
-        args.profile = None
-    result = run(load_settings(args.profile, args.arm, args.seed, overrides))
+    args = parse_args_with_overrides(parser, argv)
+    result = run(load_settings(args.profile, args.arm, args.seed, args.overrides))
     print(json.dumps({k: result[k] for k in ("val_loss", "parameters", "train_seconds", "tokens_per_second")}))
     return result
 
