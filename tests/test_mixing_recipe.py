@@ -105,6 +105,22 @@ def test_smoke_run_writes_its_record_and_follows_the_pinned_losses(tmp_path, arm
     assert record["val_word_perplexity"] == pytest.approx(math.exp(record["val_loss"] * record["tokens_per_word"]), rel=1e-3)
 
 
+def test_the_llama_family_gives_both_arms_rotary_llama_blocks_at_matched_size(tmp_path):
+    built = {}
+    for arm in ("attention", "mixer"):
+        settings = train.load_settings(SMOKE, arm, 0, ["family=llama"])
+        built[arm] = train.build_model(settings, VOCAB)
+    assert type(built["attention"]).__name__ == "LlamaForCausalLM"
+    assert type(built["mixer"]).__name__ == "SpectralMixingLlamaForCausalLM"
+    assert built["attention"].config.tie_word_embeddings and built["attention"].config.intermediate_size == 80
+    counts = {arm: sum(p.numel() for p in model.parameters()) for arm, model in built.items()}
+    assert abs(counts["mixer"] - counts["attention"]) < 0.01 * counts["attention"]
+    result = train.main([SMOKE, "--arm", "mixer", f"runs_dir={tmp_path}", "threads=1", "family=llama"])
+    assert result["settings"]["family"] == "llama" and result["val_loss"] < math.log(VOCAB)
+    with pytest.raises(ValueError, match="family='mamba' is not one of"):
+        train.load_settings(SMOKE, "mixer", 0, ["family=mamba"])
+
+
 def test_a_bpe_run_records_its_unit_and_word_perplexity(tmp_path):
     result = train.main([SMOKE, "--arm", "mixer", f"runs_dir={tmp_path}", "threads=1", "tokenizer=bpe", "bpe_vocab=300"])
     assert result["unit"] == "bpe" and 65 < result["vocab_size"] <= 300  # the ids in use: more than the characters

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 import hf_spectral  # noqa: F401  (registers the spectral PEFT method)
 from hf_spectral import SpectralConfig
@@ -38,6 +38,7 @@ from recipes.common.profiles import load_profile, parse_args_with_overrides, par
 from .data import load
 
 ARMS = ("attention", "mixer", "mixer_spectral")
+FAMILIES = ("gpt2", "llama")
 
 # the mixer model has both Conv1D (GPT-2's MLP) and nn.Linear (the mixer) layers; each is detected and handled
 warnings.filterwarnings("ignore", message=r"fan_in_fan_out=.* does not match")
@@ -47,6 +48,7 @@ warnings.filterwarnings("ignore", message=r"fan_in_fan_out=.* does not match")
 class Settings:
     arm: str = "mixer"
     # model: a 4-layer GPT-2, 128 wide (the char-Shakespeare recipe's block size)
+    family: str = "gpt2"            # or llama: rotary positions, SwiGLU MLP (8/3 d wide), RMSNorm, no biases
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
@@ -87,6 +89,8 @@ class Settings:
     def __post_init__(self):
         if self.arm not in ARMS:
             raise ValueError(f"arm={self.arm!r} is not one of {ARMS}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not one of {FAMILIES}: the base model the arms share")
         if self.optimizer not in ("adamw", "wadam"):
             raise ValueError(f"optimizer={self.optimizer!r}: use adamw or wadam")
         if not 0 < self.spectral_fraction <= 1:
@@ -116,10 +120,18 @@ def load_settings(profile_path: str | None, arm: str, seed: int, overrides: list
 
 def build_model(s: Settings, vocab_size: int) -> torch.nn.Module:
     torch.manual_seed(s.seed)
-    config = GPT2Config(
-        vocab_size=vocab_size, n_positions=s.block_size, n_embd=s.n_embd, n_layer=s.n_layer, n_head=s.n_head,
-        resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout, bos_token_id=0, eos_token_id=0,
-    )
+    if s.family == "llama":  # a modern attention baseline: positions by rotation, no table to learn
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=s.n_embd, intermediate_size=8 * (s.n_embd * 8 // 3 // 8),
+            num_hidden_layers=s.n_layer, num_attention_heads=s.n_head, num_key_value_heads=s.n_head,
+            max_position_embeddings=s.block_size, attention_dropout=s.dropout, tie_word_embeddings=True,
+            bos_token_id=0, eos_token_id=0, pad_token_id=None,
+        )
+    else:
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=s.block_size, n_embd=s.n_embd, n_layer=s.n_layer, n_head=s.n_head,
+            resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout, bos_token_id=0, eos_token_id=0,
+        )
     model = AutoModelForCausalLM.from_config(config)
     if s.arm == "attention":
         return model
