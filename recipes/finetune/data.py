@@ -24,6 +24,7 @@ import bz2
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import urllib.request
 from pathlib import Path
@@ -80,22 +81,40 @@ def gguf_to_folder(gguf: Path) -> Path:
     A model loaded from a GGUF keeps a ``quantization_config`` and cannot be saved as it is: rebuild it from its
     config without that entry, copy the dequantized weights in, then save.
     """
-    out = cache_dir() / "gguf" / gguf.stem
-    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def write(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # a folder that exists is complete
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_once(cache_dir() / "gguf" / gguf.stem, write, ("config.json", "tokenizer_config.json"))
+
+
+def build_once(out: Path, write, marks: tuple[str, ...]) -> Path:
+    """``out``, written by ``write(folder)`` unless it is already complete (every file of ``marks`` there).
+
+    Safe when several processes (a sweep's workers) build it at once: each writes a folder of its own and renames
+    it into place; the first rename wins and the others drop their copy. A folder that exists is complete.
+    """
+    if all((out / mark).exists() for mark in marks):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a process of the same id that was killed
+    write(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not all((out / mark).exists() for mark in marks):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use its folder
     return out
 
 
