@@ -90,8 +90,9 @@ def test_a_converted_model_folder_is_built_once_even_when_two_workers_race(tmp_p
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "stray").write_text("")
-    with pytest.raises(OSError):  # a folder in the way that is not complete is an error, not a silent success
+    with pytest.raises(OSError, match="broken is in the way and incomplete.*delete it"):  # not a silent success
         data.build_once(broken, write, ("config.json",))
+    assert not written[-1].exists() and sorted(p.name for p in tmp_path.iterdir()) == ["broken", "cache", "raced"]
 
 
 def test_package_path_says_what_to_install():

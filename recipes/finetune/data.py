@@ -103,7 +103,10 @@ def build_once(out: Path, write, marks: tuple[str, ...]) -> Path:
     Safe when several processes (a sweep's workers) build it at once: each writes a folder of its own and renames
     it into place; the first rename wins and the others drop their copy. A folder that exists is complete.
     """
-    if all((out / mark).exists() for mark in marks):
+    def complete() -> bool:
+        return all((out / mark).exists() for mark in marks)
+
+    if complete():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -111,10 +114,11 @@ def build_once(out: Path, write, marks: tuple[str, ...]) -> Path:
     write(tmp)
     try:
         tmp.rename(out)
-    except OSError:
-        if not all((out / mark).exists() for mark in marks):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use its folder
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # either way this copy is not needed
+        if not complete():
+            raise OSError(f"{out} is in the way and incomplete (it lacks one of {list(marks)}): delete it and run "
+                          "again.") from error
     return out
 
 
